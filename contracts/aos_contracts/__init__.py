@@ -1,0 +1,81 @@
+"""AOS contracts: the typed events of the bus, their subjects and JSON Schemas.
+
+A program that only publishes goals needs this package (or just the JSON Schemas in
+`schemas/`) and a NATS client.
+"""
+
+from aos_contracts.codec import (
+    HEADER_EVENT_TYPE,
+    HEADER_MSG_ID,
+    UPCASTERS,
+    EventDecodeError,
+    Upcasters,
+    decode_event,
+    encode_event,
+    event_headers,
+)
+from aos_contracts.events import (
+    EVENT_TYPES,
+    TERMINAL_RUN_EVENTS,
+    AnyEvent,
+    BudgetCommitted,
+    BudgetDenied,
+    BudgetOpened,
+    BudgetReleased,
+    BudgetReservationRequested,
+    BudgetReserved,
+    EventEnvelope,
+    GoalSubmitted,
+    PlanCreated,
+    PlanRejected,
+    RunAccepted,
+    RunCancelled,
+    RunCancelRequested,
+    RunCompleted,
+    RunFailed,
+    StepFailed,
+    StepStarted,
+    StepSucceeded,
+    TraceContext,
+    derive_event_id,
+)
+from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.plans import Plan, PlanStep
+
+__all__ = [
+    "EVENT_TYPES",
+    "HEADER_EVENT_TYPE",
+    "HEADER_MSG_ID",
+    "TERMINAL_RUN_EVENTS",
+    "UPCASTERS",
+    "AnyEvent",
+    "BudgetCommitted",
+    "BudgetDenied",
+    "BudgetOpened",
+    "BudgetReleased",
+    "BudgetReservationRequested",
+    "BudgetReserved",
+    "EventDecodeError",
+    "EventEnvelope",
+    "Failure",
+    "FailureCode",
+    "GoalSubmitted",
+    "Plan",
+    "PlanCreated",
+    "PlanRejected",
+    "PlanStep",
+    "RunAccepted",
+    "RunCancelRequested",
+    "RunCancelled",
+    "RunCompleted",
+    "RunFailed",
+    "StepFailed",
+    "StepStarted",
+    "StepSucceeded",
+    "TraceContext",
+    "Upcasters",
+    "decode_event",
+    "derive_event_id",
+    "encode_event",
+    "event_headers",
+]

@@ -1,0 +1,297 @@
+"""The typed events of the AOS bus.
+
+Every event shares one envelope (`EventEnvelope`) and is told apart by its `type`
+field; `AnyEvent` is the discriminated union of them all and `parse_event` is the one
+way in from bytes (upcasting old schema versions first).
+
+Events are facts, named in the past tense, except the two requests that cross a
+service boundary (`run.cancel_requested`, `budget.reservation_requested`): they are
+facts too ("X asked for Y"), and the owner of Y answers with its own event.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.plans import Plan
+
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_TENANT_RE = re.compile(TENANT_PATTERN)
+
+# Deterministic ids for events derived from another event: a service that crashes after
+# publishing and re-decides on redelivery produces the same id, which JetStream's
+# duplicate window (Nats-Msg-Id) and every consumer's dedup then drop.
+_DERIVED_NAMESPACE = uuid.UUID("6f1d6a52-3a53-4a8e-9a3e-2f8f7f0c9b11")
+
+
+def derive_event_id(cause: uuid.UUID | str, purpose: str) -> uuid.UUID:
+    """The id of the event that `cause` leads to for `purpose` (stable across retries)."""
+    return uuid.uuid5(_DERIVED_NAMESPACE, f"{cause}/{purpose}")
+
+
+E = TypeVar("E", bound="EventEnvelope")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TraceContext(BaseModel):
+    """W3C trace context, carried so a run can be followed across services."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+class EventEnvelope(BaseModel):
+    """Fields every event carries. Subclasses add a `type` literal and their payload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    schema_version: int = 1
+    run_id: uuid.UUID
+    tenant: Annotated[str, Field(pattern=TENANT_PATTERN)]
+    occurred_at: datetime = Field(default_factory=utc_now)
+    causation_id: uuid.UUID | None = Field(
+        default=None, description="event_id of the event that caused this one"
+    )
+    correlation_id: uuid.UUID | None = Field(
+        default=None, description="shared by every event of one run (the goal's event_id)"
+    )
+    trace: TraceContext = Field(default_factory=TraceContext)
+
+    def caused(self, cls: type[E], purpose: str, **payload: Any) -> E:
+        """Build the event `cls` caused by this one, with a deterministic id."""
+        return cls(
+            event_id=derive_event_id(self.event_id, purpose),
+            run_id=self.run_id,
+            tenant=self.tenant,
+            causation_id=self.event_id,
+            correlation_id=self.correlation_id or self.event_id,
+            trace=self.trace,
+            **payload,
+        )
+
+
+# --- ingress: what users and their programs publish ----------------------------------
+
+
+class GoalSubmitted(EventEnvelope):
+    """A user asks AOS to achieve a goal within a budget. The public entry point."""
+
+    type: Literal["goal.submitted"] = "goal.submitted"
+    goal: Annotated[str, Field(min_length=1, max_length=10_000)]
+    budget_cents: Annotated[int, Field(ge=0, le=100_000_000)]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: Annotated[str, Field(max_length=200)] | None = None
+    submitted_by: str | None = None
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("goal must not be blank")
+        return value
+
+
+class RunCancelRequested(EventEnvelope):
+    type: Literal["run.cancel_requested"] = "run.cancel_requested"
+    reason: str = "cancelled by user"
+
+
+# --- planner ----------------------------------------------------------------------------
+
+
+class RunAccepted(EventEnvelope):
+    type: Literal["run.accepted"] = "run.accepted"
+    goal: str
+    budget_cents: int
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    planner_backend: str
+
+
+class PlanCreated(EventEnvelope):
+    type: Literal["plan.created"] = "plan.created"
+    plan: Plan
+    estimated_cents: int
+    budget_cents: int
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanRejected(EventEnvelope):
+    type: Literal["plan.rejected"] = "plan.rejected"
+    reasons: list[str]
+    code: FailureCode = FailureCode.PLAN_INVALID
+
+
+# --- executor ---------------------------------------------------------------------------
+
+
+class BudgetReservationRequested(EventEnvelope):
+    type: Literal["budget.reservation_requested"] = "budget.reservation_requested"
+    reservation_id: uuid.UUID
+    step_id: str
+    attempt: int
+    amount_cents: Annotated[int, Field(ge=0)]
+
+
+class StepStarted(EventEnvelope):
+    type: Literal["step.started"] = "step.started"
+    step_id: str
+    skill: str
+    attempt: int
+    reservation_id: uuid.UUID
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepSucceeded(EventEnvelope):
+    type: Literal["step.succeeded"] = "step.succeeded"
+    step_id: str
+    skill: str
+    attempt: int
+    reservation_id: uuid.UUID
+    output: Any = None
+    cost_cents: Annotated[int, Field(ge=0)] = 0
+    duration_ms: float = 0.0
+    is_stub: bool = False
+
+
+class StepFailed(EventEnvelope):
+    type: Literal["step.failed"] = "step.failed"
+    step_id: str
+    skill: str
+    attempt: int
+    reservation_id: uuid.UUID
+    error: Failure
+    will_retry: bool = False
+    cost_cents: Annotated[int, Field(ge=0)] = 0
+    duration_ms: float = 0.0
+
+
+class RunCompleted(EventEnvelope):
+    type: Literal["run.completed"] = "run.completed"
+    outputs: dict[str, Any] = Field(
+        default_factory=dict, description="output of every step no other step depends on"
+    )
+    cost_cents: int = 0
+
+
+class RunFailed(EventEnvelope):
+    type: Literal["run.failed"] = "run.failed"
+    error: Failure
+    failed_step_id: str | None = None
+    cost_cents: int = 0
+
+
+class RunCancelled(EventEnvelope):
+    type: Literal["run.cancelled"] = "run.cancelled"
+    reason: str
+    cost_cents: int = 0
+
+
+# --- ledger -----------------------------------------------------------------------------
+
+
+class BudgetOpened(EventEnvelope):
+    type: Literal["budget.opened"] = "budget.opened"
+    cap_cents: int
+
+
+class BudgetReserved(EventEnvelope):
+    type: Literal["budget.reserved"] = "budget.reserved"
+    reservation_id: uuid.UUID
+    step_id: str
+    attempt: int
+    amount_cents: int
+    remaining_cents: int = Field(description="cap minus reserved minus committed, after this")
+
+
+class BudgetDenied(EventEnvelope):
+    type: Literal["budget.denied"] = "budget.denied"
+    reservation_id: uuid.UUID
+    step_id: str
+    attempt: int
+    amount_cents: int
+    remaining_cents: int
+    error: Failure
+
+
+class BudgetCommitted(EventEnvelope):
+    type: Literal["budget.committed"] = "budget.committed"
+    reservation_id: uuid.UUID
+    step_id: str
+    reserved_cents: int
+    committed_cents: int
+    released_cents: int
+
+
+class BudgetReleased(EventEnvelope):
+    type: Literal["budget.released"] = "budget.released"
+    reservation_id: uuid.UUID
+    step_id: str
+    released_cents: int
+    reason: str
+
+
+# --- the union --------------------------------------------------------------------------
+
+AnyEvent = Annotated[
+    GoalSubmitted
+    | RunCancelRequested
+    | RunAccepted
+    | PlanCreated
+    | PlanRejected
+    | BudgetReservationRequested
+    | StepStarted
+    | StepSucceeded
+    | StepFailed
+    | RunCompleted
+    | RunFailed
+    | RunCancelled
+    | BudgetOpened
+    | BudgetReserved
+    | BudgetDenied
+    | BudgetCommitted
+    | BudgetReleased,
+    Field(discriminator="type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+EVENT_TYPES: dict[str, type[EventEnvelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        GoalSubmitted,
+        RunCancelRequested,
+        RunAccepted,
+        PlanCreated,
+        PlanRejected,
+        BudgetReservationRequested,
+        StepStarted,
+        StepSucceeded,
+        StepFailed,
+        RunCompleted,
+        RunFailed,
+        RunCancelled,
+        BudgetOpened,
+        BudgetReserved,
+        BudgetDenied,
+        BudgetCommitted,
+        BudgetReleased,
+    )
+}
+
+TERMINAL_RUN_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled"})
+
+
+def is_valid_tenant(tenant: str) -> bool:
+    return bool(_TENANT_RE.match(tenant))

@@ -1,0 +1,54 @@
+"""The failure catalog: every failure in AOS is data with a code from this list."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FailureCode(StrEnum):
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    PLAN_INVALID = "PLAN_INVALID"
+    INPUT_INVALID = "INPUT_INVALID"
+    SKILL_UNKNOWN = "SKILL_UNKNOWN"
+    SKILL_TIMEOUT = "SKILL_TIMEOUT"
+    SKILL_ERROR = "SKILL_ERROR"
+    HTTP_4XX = "HTTP_4XX"
+    HTTP_5XX = "HTTP_5XX"
+    LLM_RATE_LIMITED = "LLM_RATE_LIMITED"
+    LLM_OVERLOADED = "LLM_OVERLOADED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    EXTERNAL_CALLS_DISABLED = "EXTERNAL_CALLS_DISABLED"
+    CANCELLED = "CANCELLED"
+
+
+# Whether trying the same thing again may succeed. A retryable failure is retried by the
+# executor within the step's retry policy; a non-retryable one fails the step at once.
+RETRYABLE: dict[FailureCode, bool] = {
+    FailureCode.BUDGET_EXCEEDED: False,
+    FailureCode.PLAN_INVALID: False,
+    FailureCode.INPUT_INVALID: False,
+    FailureCode.SKILL_UNKNOWN: False,
+    FailureCode.SKILL_TIMEOUT: True,
+    FailureCode.SKILL_ERROR: True,
+    FailureCode.HTTP_4XX: False,
+    FailureCode.HTTP_5XX: True,
+    FailureCode.LLM_RATE_LIMITED: True,
+    FailureCode.LLM_OVERLOADED: True,
+    FailureCode.CIRCUIT_OPEN: True,
+    FailureCode.EXTERNAL_CALLS_DISABLED: False,
+    FailureCode.CANCELLED: False,
+}
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: FailureCode
+    message: str
+    retryable: bool = Field(description="whether the same call may succeed if tried again")
+
+    @classmethod
+    def of(cls, code: FailureCode, message: str) -> Failure:
+        return cls(code=code, message=message, retryable=RETRYABLE[code])

@@ -1,0 +1,144 @@
+"""Skill contracts: what the planner may put in a plan and the executor must run.
+
+The implementations live in the executor; the contracts (input schema, side-effect
+class, cost estimate) live here because the planner needs them to validate and to
+estimate a plan before any step runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SideEffect(StrEnum):
+    PURE = "pure"  # no effect outside the step: safe to run again
+    IDEMPOTENT = "idempotent"  # an effect, but running it twice equals running it once
+    UNSAFE = "unsafe"  # an effect that must happen at most once
+
+
+class JsonTransformParams(BaseModel):
+    """One operation over JSON values. `input` is usually a reference to an earlier output.
+
+    - extract: value at `path` of `input` ("a.b.0.c"; integers index lists)
+    - map:     for a list `input`, the value at `path` of every item
+    - filter:  for a list `input`, the items whose value at `path` equals `equals`
+    - pick:    for an object `input`, only `keys`
+    - omit:    for an object `input`, all but `keys`
+    - merge:   for a list of objects `inputs`, one object; later keys win
+    A missing path or a value of the wrong type fails with INPUT_INVALID naming the path.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Literal["extract", "map", "filter", "pick", "omit", "merge"]
+    input: Any = None
+    inputs: list[Any] | None = None
+    path: str | None = None
+    keys: list[str] | None = None
+    equals: Any = None
+
+
+class LlmInvokeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1)]
+    system: str | None = None
+    model: str = "claude-sonnet-4-5"
+    max_tokens: Annotated[int, Field(ge=1, le=64_000)] = 512
+    temperature: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class HttpCallParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=1)]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = None
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+
+# Prices in cents per million tokens: (input, output). Unknown models use the dearest.
+LLM_PRICES_CENTS_PER_MTOK: dict[str, tuple[int, int]] = {
+    "claude-opus-4-1": (1500, 7500),
+    "claude-sonnet-4-5": (300, 1500),
+    "claude-haiku-4-5": (100, 500),
+}
+_DEAREST = max(LLM_PRICES_CENTS_PER_MTOK.values(), key=lambda price: price[1])
+
+
+def llm_cost_cents(model: str, input_tokens: int, output_tokens: int) -> int:
+    price_in, price_out = LLM_PRICES_CENTS_PER_MTOK.get(model, _DEAREST)
+    return math.ceil((input_tokens * price_in + output_tokens * price_out) / 1_000_000)
+
+
+def estimate_input_tokens(text: str) -> int:
+    """A cheap upper-leaning estimate (about four characters a token)."""
+    return max(1, math.ceil(len(text) / 3))
+
+
+def _estimate_llm(params: dict[str, Any]) -> int:
+    parsed = LlmInvokeParams.model_validate(params)
+    text = (parsed.system or "") + parsed.prompt
+    # Worst case: every allowed output token is spent.
+    return llm_cost_cents(parsed.model, estimate_input_tokens(text), parsed.max_tokens)
+
+
+@dataclass(frozen=True)
+class SkillContract:
+    name: str
+    version: str
+    description: str
+    params_model: type[BaseModel]
+    side_effect: SideEffect
+    timeout_s: float
+    max_attempts: int
+    estimate_cents: Callable[[dict[str, Any]], int]
+
+
+def _free(params: dict[str, Any]) -> int:
+    return 0
+
+
+SKILL_CONTRACTS: dict[str, SkillContract] = {
+    contract.name: contract
+    for contract in (
+        SkillContract(
+            name="json_transform",
+            version="1",
+            description="extract, map, filter, pick, omit or merge JSON values",
+            params_model=JsonTransformParams,
+            side_effect=SideEffect.PURE,
+            timeout_s=5.0,
+            max_attempts=1,
+            estimate_cents=_free,
+        ),
+        SkillContract(
+            name="llm_invoke",
+            version="1",
+            description="ask a language model; cost from token usage",
+            params_model=LlmInvokeParams,
+            side_effect=SideEffect.IDEMPOTENT,
+            timeout_s=120.0,
+            max_attempts=3,
+            estimate_cents=_estimate_llm,
+        ),
+        SkillContract(
+            name="http_call",
+            version="1",
+            description="call an HTTP endpoint",
+            params_model=HttpCallParams,
+            side_effect=SideEffect.UNSAFE,
+            timeout_s=30.0,
+            max_attempts=3,
+            estimate_cents=_free,
+        ),
+    )
+}

@@ -1,0 +1,79 @@
+"""The planner service: goal.submitted in, run.accepted + plan.created/plan.rejected out.
+
+State: the set of runs already decided, rebuilt at start by replaying the planner's own
+stream (so a resubmitted goal never gets a second plan, across restarts). The decision's
+event ids derive from the goal's, so a crash between publishing and acknowledging makes
+the redelivered goal re-publish the same events, which JetStream then drops as duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aos_contracts.events import GoalSubmitted, RunAccepted
+from aos_planner.planning import decide
+from aos_planner.settings import PlannerSettings
+from aos_planner.stub import StubPlanner
+from aos_plumbing import metrics
+from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
+from aos_plumbing.http import ServiceHttp
+
+log = logging.getLogger(__name__)
+
+PLANS = metrics.counter("aos_planner_decisions_total", "planner decisions", ("outcome", "backend"))
+
+
+class PlannerService:
+    name = "planner"
+
+    def __init__(self, settings: PlannerSettings) -> None:
+        self.settings = settings
+        if settings.backend != "stub":
+            # The Anthropic backend arrives with issue 4; refuse rather than pretend.
+            raise SystemExit("PLANNER_BACKEND=anthropic is not available yet; use stub")
+        self.planner = StubPlanner()
+        self.decided: set[uuid.UUID] = set()
+        self.bus: EventBus | None = None
+        self.consumer: LogConsumer | None = None
+        self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
+        self.http.backends = {"planner": "stub" if self.planner.is_stub else settings.backend}
+
+    async def start(self) -> None:
+        self.bus = await EventBus.connect(self.settings.nats_url, self.settings.namespace, self.name)
+        await self.bus.ensure_streams()
+        async for event in self.bus.replay_events("plans"):
+            if isinstance(event, RunAccepted):
+                self.decided.add(event.run_id)
+        log.info("planner rebuilt: %d runs already decided", len(self.decided))
+        self.consumer = self.bus.consumer(
+            "goals", "planner", per_run(self.handle), batch_size=self.settings.consumer_batch
+        )
+        await self.consumer.start()
+        bus = self.bus
+        self.http.add_check("nats", lambda: _true(bus.connected))
+        await self.http.start()
+
+    async def stop(self) -> None:
+        if self.consumer:
+            await self.consumer.stop()
+        await self.http.stop()
+        if self.bus:
+            await self.bus.close()
+
+    async def handle(self, delivery: Delivery) -> None:
+        goal = delivery.event
+        if not isinstance(goal, GoalSubmitted):
+            return  # run.cancel_requested is the executor's business
+        if goal.run_id in self.decided:
+            log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
+            return
+        assert self.bus is not None
+        events = decide(goal, self.planner)
+        await self.bus.publish_all(events)
+        self.decided.add(goal.run_id)
+        PLANS.labels(str(getattr(events[-1], "type")), self.planner.name).inc()
+
+
+async def _true(value: bool) -> bool:
+    return value

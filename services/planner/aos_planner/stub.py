@@ -1,0 +1,107 @@
+"""The stub planner: deterministic keyword rules. Same goal text, byte-identical plan.
+
+Rules, tried in order (the first that matches wins):
+
+1. `bench <N>` -> N chained json_transform steps over the goal's inputs (benchmarks).
+2. `fetch <url> ...` -> http_call GET <url>, then json_transform extract of the body.
+3. `summari[sz]e ...` -> json_transform extract of `inputs.text`, then llm_invoke asking
+   for a summary of it.
+
+A goal no rule matches is rejected, with the rules listed in the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from aos_contracts.plans import Plan, PlanStep
+
+Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str], dict[str, Any]], Plan]]
+
+MAX_BENCH_STEPS = 200
+
+
+class NoRuleMatched(ValueError):
+    pass
+
+
+def _bench(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    count = max(1, min(int(match.group(1)), MAX_BENCH_STEPS))
+    steps = [
+        PlanStep(
+            id="s1",
+            skill="json_transform",
+            params={"op": "omit", "input": "${goal.inputs}", "keys": ["_"]},
+        )
+    ]
+    for index in range(2, count + 1):
+        prev = f"s{index - 1}"
+        steps.append(
+            PlanStep(
+                id=f"s{index}",
+                skill="json_transform",
+                params={"op": "omit", "input": f"${{steps.{prev}.output}}", "keys": ["_"]},
+                depends_on=[prev],
+            )
+        )
+    return Plan(steps=steps, rationale=f"benchmark: {count} chained json_transform steps")
+
+
+def _fetch(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    url = match.group(1)
+    return Plan(
+        steps=[
+            PlanStep(id="fetch", skill="http_call", params={"url": url, "method": "GET"}),
+            PlanStep(
+                id="body",
+                skill="json_transform",
+                params={"op": "extract", "input": "${steps.fetch.output}", "path": "body"},
+                depends_on=["fetch"],
+            ),
+        ],
+        rationale=f"fetch {url} and keep its body",
+    )
+
+
+def _summarise(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    return Plan(
+        steps=[
+            PlanStep(
+                id="text",
+                skill="json_transform",
+                params={"op": "extract", "input": "${goal.inputs}", "path": "text"},
+            ),
+            PlanStep(
+                id="summary",
+                skill="llm_invoke",
+                params={
+                    "prompt": "Summarise in three sentences:\n\n${steps.text.output}",
+                    "max_tokens": 300,
+                },
+                depends_on=["text"],
+            ),
+        ],
+        rationale="extract the text, then ask the model for a summary",
+    )
+
+
+RULES: list[Rule] = [
+    ("bench <N>", re.compile(r"^\s*bench\s+(\d{1,4})\b", re.IGNORECASE), _bench),
+    ("fetch <url>", re.compile(r"\bfetch\s+(https?://\S+)", re.IGNORECASE), _fetch),
+    ("summarise|summarize", re.compile(r"\bsummari[sz]e\b", re.IGNORECASE), _summarise),
+]
+
+
+class StubPlanner:
+    name = "stub"
+    is_stub = True
+
+    def plan(self, goal: str, inputs: dict[str, Any]) -> Plan:
+        for _label, pattern, build in RULES:
+            match = pattern.search(goal)
+            if match:
+                return build(match, inputs)
+        labels = ", ".join(label for label, _, _ in RULES)
+        raise NoRuleMatched(f"the stub planner has no rule for this goal (rules: {labels})")

@@ -1,0 +1,419 @@
+"""The event log on NATS JetStream: streams, publishing, durable consumers, replay, parking.
+
+Why not FastStream's subscribers: its batch pull waits until a batch is full or a
+timeout passes, which puts a latency floor under every step, and the log consumers
+need things it does not model (per-run ordering inside a batch, parking with reasons,
+restarting a durable consumer from the sequence a store last applied). This module is
+the small layer that does those on nats-py; FastStream is not needed underneath it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
+from aos_contracts.events import AnyEvent, EventEnvelope
+from aos_contracts.parked import ParkedMessage
+from aos_contracts.subjects import (
+    CONTEXT_OF_TYPE,
+    CONTEXTS,
+    PARKED,
+    parked_subject,
+    run_id_of_subject,
+    stream_name,
+    stream_subjects,
+)
+from aos_plumbing import metrics
+
+log = logging.getLogger(__name__)
+
+# Long enough to cover a client's retry of the same goal, and a service's re-publish of
+# a derived event after a crash and restart.
+DUPLICATE_WINDOW_S = 15 * 60.0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One event taken from the log, with where it came from."""
+
+    msg: Msg
+    stream_seq: int
+    subject: str
+    event: AnyEvent
+    num_delivered: int
+
+    @property
+    def run_id(self) -> str:
+        return run_id_of_subject(self.subject)
+
+
+# A batch handler returns the deliveries it could not handle (nak'ed for redelivery);
+# everything else in the batch is acknowledged.
+BatchHandler = Callable[[list[Delivery]], Awaitable[Sequence[Delivery] | None]]
+EventHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class EventBus:
+    def __init__(self, nc: NatsClient, namespace: str, service: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.namespace = namespace
+        self.service = service
+
+    @classmethod
+    async def connect(cls, url: str, namespace: str, service: str) -> EventBus:
+        nc = await nats.connect(
+            url,
+            name=f"aos-{service}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            # A service keeps running through a NATS blip; /readyz reports it.
+            allow_reconnect=True,
+        )
+        return cls(nc, namespace, service)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    def stream(self, context: str) -> str:
+        return stream_name(context, self.namespace)
+
+    async def ensure_streams(self) -> None:
+        """Declare every stream of the log (idempotent; every service does it at start)."""
+        for context in (*CONTEXTS, PARKED):
+            config = js_api.StreamConfig(
+                name=self.stream(context),
+                subjects=stream_subjects(context, self.namespace),
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                duplicate_window=DUPLICATE_WINDOW_S,
+                discard=js_api.DiscardPolicy.OLD,
+                allow_direct=True,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                # 10058: exists with a different config (e.g. created by an older
+                # version); update it rather than fail.
+                if exc.err_code == 10058:
+                    await self.js.update_stream(config)
+                else:
+                    raise
+
+    def subject_of(self, event: EventEnvelope) -> str:
+        event_type = str(getattr(event, "type"))
+        return f"{self.namespace}.{CONTEXT_OF_TYPE[event_type]}.{event.tenant}.{event.run_id}"
+
+    async def publish(self, event: EventEnvelope) -> js_api.PubAck:
+        return await self.js.publish(
+            self.subject_of(event), encode_event(event), headers=event_headers(event)
+        )
+
+    async def publish_all(self, events: Sequence[EventEnvelope]) -> list[js_api.PubAck]:
+        """Publish in order and wait for every ack: one round trip for the whole batch.
+
+        nats-py writes each publish to the connection buffer before it first awaits, so
+        the server receives them in the order given (per-run order is kept)."""
+        if not events:
+            return []
+        if len(events) == 1:
+            return [await self.publish(events[0])]
+        return list(await asyncio.gather(*(self.publish(event) for event in events)))
+
+    async def park(self, msg: Msg, reason: str, *, stream_seq: int, num_delivered: int) -> None:
+        parked = ParkedMessage.of(
+            service=self.service,
+            reason=reason,
+            stream=msg.metadata.stream if msg.metadata else "",
+            stream_seq=stream_seq,
+            subject=msg.subject,
+            headers=dict(msg.headers or {}),
+            data=msg.data,
+            num_delivered=num_delivered,
+        )
+        await self.js.publish(
+            parked_subject(self.service, self.namespace),
+            parked.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"parked:{self.service}:{parked.stream}:{stream_seq}"},
+        )
+        metrics.PARKED.labels(self.service, parked.stream).inc()
+        log.warning("parked %s seq %d: %s", parked.stream, stream_seq, reason)
+
+    async def last_seq(self, context: str) -> int:
+        info = await self.js.stream_info(self.stream(context))
+        return int(info.state.last_seq)
+
+    async def replay(
+        self, context: str, *, start_seq: int = 1, batch: int = 1000
+    ) -> AsyncIterator[tuple[int, Msg]]:
+        """Every message of a stream from `start_seq` up to its last message *now*.
+
+        Used by services to rebuild in-memory state at start; an ephemeral consumer
+        without acks, so it leaves no trace on the server."""
+        last = await self.last_seq(context)
+        if last < start_seq:
+            return
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=js_api.AckPolicy.NONE,
+            inactive_threshold=30.0,
+            max_batch=batch,
+        )
+        sub = await self.js.pull_subscribe(
+            stream_subjects(context, self.namespace)[0], stream=self.stream(context), config=config
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch, timeout=2.0)
+                except NatsTimeoutError:
+                    return  # the stream's tail was deleted under us (limits)
+                for msg in msgs:
+                    seq = msg.metadata.sequence.stream
+                    yield seq, msg
+                    if seq >= last:
+                        return
+        finally:
+            await sub.unsubscribe()
+
+    async def replay_events(self, context: str, *, start_seq: int = 1) -> AsyncIterator[AnyEvent]:
+        """Replay, decoded; undecodable messages were parked by the live consumer already."""
+        async for _seq, msg in self.replay(context, start_seq=start_seq):
+            try:
+                yield decode_event(msg.data)
+            except EventDecodeError:
+                continue
+
+    def consumer(
+        self,
+        context: str,
+        durable: str,
+        handler: BatchHandler,
+        *,
+        batch_size: int = 256,
+        start_after_seq: int | None = None,
+        park_after_deliveries: int = 5,
+    ) -> LogConsumer:
+        return LogConsumer(
+            self,
+            context=context,
+            durable=durable,
+            handler=handler,
+            batch_size=batch_size,
+            start_after_seq=start_after_seq,
+            park_after_deliveries=park_after_deliveries,
+        )
+
+
+@dataclass
+class LogConsumer:
+    """A durable pull consumer over one stream of the log.
+
+    Each fetched batch is decoded; what does not decode is parked with the reason and
+    acknowledged (it would never decode on redelivery). The rest goes to the handler; what
+    the handler reports as failed is nak'ed with a delay and, after
+    `park_after_deliveries` attempts, parked too, so one poison message cannot stall a
+    consumer forever.
+
+    `start_after_seq` is the last sequence the owner's store applied. When the durable
+    consumer on the server is ahead of it (the store was wiped, or restored from an older
+    backup) the consumer is recreated to deliver from there: that is how a store is rebuilt
+    from the log.
+    """
+
+    bus: EventBus
+    context: str
+    durable: str
+    handler: BatchHandler
+    batch_size: int = 256
+    start_after_seq: int | None = None
+    park_after_deliveries: int = 5
+    _sub: JetStreamContext.PullSubscription | None = field(default=None, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _running: bool = field(default=False, init=False)
+    last_batch_at: float = field(default=0.0, init=False)
+
+    @property
+    def stream(self) -> str:
+        return self.bus.stream(self.context)
+
+    def _config(self) -> js_api.ConsumerConfig:
+        start = self.start_after_seq
+        return js_api.ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=stream_subjects(self.context, self.bus.namespace)[0],
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=-1,  # we park after park_after_deliveries ourselves, with a reason
+            max_ack_pending=20_000,
+            deliver_policy=(
+                js_api.DeliverPolicy.BY_START_SEQUENCE if start else js_api.DeliverPolicy.ALL
+            ),
+            opt_start_seq=(start + 1) if start else None,
+        )
+
+    async def prepare(self) -> None:
+        js = self.bus.js
+        try:
+            info = await js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            info = None
+        if info is not None and self.start_after_seq is not None:
+            acked_floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            if acked_floor > self.start_after_seq:
+                log.warning(
+                    "%s: store applied up to %d but consumer %s acked %d: rebuilding from the log",
+                    self.stream,
+                    self.start_after_seq,
+                    self.durable,
+                    acked_floor,
+                )
+                await js.delete_consumer(self.stream, self.durable)
+                info = None
+        if info is None:
+            await js.add_consumer(self.stream, self._config())
+        self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+
+    async def start(self) -> None:
+        if self._sub is None:
+            await self.prepare()
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name=f"consume-{self.stream}")
+
+    async def stop(self) -> None:
+        """Stop fetching; the batch in hand is finished (and acked) first."""
+        self._running = False
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10.0)
+            except TimeoutError:
+                self._task.cancel()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+
+    async def _run(self) -> None:
+        assert self._sub is not None
+        while self._running:
+            self.last_batch_at = time.monotonic()
+            try:
+                msgs = await self._sub.fetch(self.batch_size, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.5)
+                continue
+            except Exception:  # noqa: BLE001 - keep consuming through NATS blips
+                log.exception("%s: fetch failed", self.durable)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self.process(msgs)
+            except Exception:  # noqa: BLE001 - a failing batch is redelivered, not fatal
+                log.exception("%s: batch failed; it will be redelivered", self.durable)
+                for msg in msgs:
+                    await _safe_nak(msg, delay=1.0)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        deliveries: list[Delivery] = []
+        for msg in msgs:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            try:
+                event = decode_event(msg.data)
+            except EventDecodeError as exc:
+                await self.bus.park(msg, str(exc), stream_seq=seq, num_delivered=meta.num_delivered)
+                await msg.ack()
+                continue
+            deliveries.append(Delivery(msg, seq, msg.subject, event, meta.num_delivered))
+        if not deliveries:
+            return
+        metrics.EVENTS_CONSUMED.labels(self.bus.service, self.context).inc(len(deliveries))
+        failed = list(await self.handler(deliveries) or [])
+        failed_ids = {id(delivery) for delivery in failed}
+        for delivery in deliveries:
+            if id(delivery) not in failed_ids:
+                await delivery.msg.ack()
+        for delivery in failed:
+            if delivery.num_delivered >= self.park_after_deliveries:
+                await self.bus.park(
+                    delivery.msg,
+                    f"handler failed {delivery.num_delivered} times",
+                    stream_seq=delivery.stream_seq,
+                    num_delivered=delivery.num_delivered,
+                )
+                await delivery.msg.ack()
+            else:
+                await _safe_nak(delivery.msg, delay=min(0.05 * 2**delivery.num_delivered, 5.0))
+
+
+async def _safe_nak(msg: Msg, delay: float) -> None:
+    try:
+        await msg.nak(delay=delay)
+    except Exception:  # noqa: BLE001 - the ack wait will redeliver it anyway
+        pass
+
+
+def per_run(handle: EventHandler, *, park_after_deliveries: int = 5) -> BatchHandler:
+    """Adapt a one-event handler to a batch: runs are handled concurrently, the events of
+    one run strictly in log order.
+
+    When an event of a run fails it goes back for redelivery, and the run is *blocked*:
+    its later events (in this batch or the next ones) are sent back too until the failed
+    one has been handled, so a redelivery can never overtake."""
+    blocked: dict[str, int] = {}  # run id -> stream seq of the event that must go first
+
+    async def handle_run(run_deliveries: list[Delivery]) -> list[Delivery]:
+        failed: list[Delivery] = []
+        for index, delivery in enumerate(run_deliveries):
+            first = blocked.get(delivery.run_id)
+            if first is not None and delivery.stream_seq > first:
+                return failed + run_deliveries[index:]
+            try:
+                await handle(delivery)
+            except Exception:  # noqa: BLE001 - reported, nak'ed, parked if it persists
+                log.exception(
+                    "handling %s (seq %d) failed", delivery.event.type, delivery.stream_seq
+                )
+                failed.append(delivery)
+                if delivery.num_delivered < park_after_deliveries:
+                    blocked[delivery.run_id] = delivery.stream_seq
+                    return failed + run_deliveries[index + 1 :]
+                # The consumer parks it now; the run must not wait for it any longer.
+                blocked.pop(delivery.run_id, None)
+                continue
+            if first is not None:
+                del blocked[delivery.run_id]
+        return failed
+
+    async def handle_batch(deliveries: list[Delivery]) -> list[Delivery]:
+        by_run: dict[str, list[Delivery]] = defaultdict(list)
+        for delivery in deliveries:
+            by_run[delivery.run_id].append(delivery)
+        if len(by_run) == 1:
+            return await handle_run(next(iter(by_run.values())))
+        results = await asyncio.gather(*(handle_run(group) for group in by_run.values()))
+        return [delivery for failed in results for delivery in failed]
+
+    return handle_batch

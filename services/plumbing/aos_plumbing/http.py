@@ -1,0 +1,90 @@
+"""Each service's HTTP side: /healthz, /readyz, /metrics (and whatever routes it adds).
+
+/healthz says only that the event loop turns (a NATS blip must not restart every pod);
+/readyz runs the service's checks (NATS, its stores) and lists its backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from aos_plumbing import metrics
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_STALE_S = 10.0
+
+
+class ServiceHttp:
+    def __init__(self, service: str, host: str, port: int) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.checks: dict[str, ReadinessCheck] = {}
+        self.backends: dict[str, str] = {}
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self._runner: web.AppRunner | None = None
+        self._beat = time.monotonic()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    def add_check(self, name: str, check: ReadinessCheck) -> None:
+        self.checks[name] = check
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat())
+        log.info("%s serving http on %s:%d", self.service, self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        age = time.monotonic() - self._beat
+        alive = age < HEARTBEAT_STALE_S
+        return web.json_response(
+            {"service": self.service, "alive": alive, "heartbeat_age_s": round(age, 3)},
+            status=200 if alive else 503,
+        )
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        results: dict[str, Any] = {}
+        for name, check in self.checks.items():
+            try:
+                results[name] = bool(await asyncio.wait_for(check(), timeout=2.0))
+            except Exception as exc:  # noqa: BLE001 - a failing check is a result
+                results[name] = False
+                results[f"{name}_error"] = type(exc).__name__
+        ready = all(value for key, value in results.items() if not key.endswith("_error"))
+        return web.json_response(
+            {"service": self.service, "ready": ready, "checks": results, "backends": self.backends},
+            status=200 if ready else 503,
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response

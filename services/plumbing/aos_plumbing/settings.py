@@ -1,0 +1,37 @@
+"""Typed settings: one object per service, read from the environment.
+
+Every service shares `CommonSettings`; each adds its own fields in its own package.
+Flags keep the names the deployment documents use (`REDIS_URL`, `PLANNER_BACKEND`, ...).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aos_contracts.subjects import check_namespace
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", alias="AOS_NATS_URL")
+    namespace: str = Field(
+        default="aos",
+        alias="AOS_NAMESPACE",
+        description="subject prefix and stream-name prefix; tests sharing a server use their own",
+    )
+    http_host: str = Field(default="0.0.0.0", alias="AOS_HTTP_HOST")
+    http_port: int = Field(default=8080, alias="AOS_HTTP_PORT")
+    log_level: str = Field(default="INFO", alias="AOS_LOG_LEVEL")
+    consumer_batch: int = Field(default=256, alias="AOS_CONSUMER_BATCH", ge=1, le=10_000)
+    prometheus_available: bool | None = Field(
+        default=None,
+        alias="PROMETHEUS_AVAILABLE",
+        description="unset: auto-detect prometheus-client",
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return check_namespace(value)
