@@ -1,7 +1,7 @@
 """Generate the checked-in JSON Schemas and AsyncAPI document from the models.
 
-    python -m aos_contracts.generate          # write contracts/aos_contracts/schemas/
-    python -m aos_contracts.generate --check  # exit 1 if what is checked in is stale
+python -m aos_contracts.generate          # write contracts/aos_contracts/schemas/
+python -m aos_contracts.generate --check  # exit 1 if what is checked in is stale
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def asyncapi() -> dict[str, Any]:
         }
     for context in CONTEXTS:
         types = sorted(t for t, c in CONTEXT_OF_TYPE.items() if c == context)
-        refs = {t.replace(".", "_"): {"$ref": f"#/components/messages/{t.replace('.', '_')}"} for t in types}
+        refs = {
+            t.replace(".", "_"): {"$ref": f"#/components/messages/{t.replace('.', '_')}"}
+            for t in types
+        }
         channels[context] = {
             "address": f"aos.{context}.{{tenant}}.{{run_id}}",
             "description": f"JetStream stream {stream_name(context)}; written by {WRITERS[context]}",

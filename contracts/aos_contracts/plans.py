@@ -81,7 +81,9 @@ def plan_problems(plan: Plan, known_skills: set[str]) -> list[str]:
             head, _, rest = ref.partition(".")
             if head == "goal":
                 if not rest.startswith("inputs"):
-                    problems.append(f"step {step.id!r}: reference ${{{ref}}} must be goal.inputs...")
+                    problems.append(
+                        f"step {step.id!r}: reference ${{{ref}}} must be goal.inputs..."
+                    )
             elif head == "steps":
                 target = rest.split(".", 1)[0]
                 if target not in step.depends_on:
@@ -90,7 +92,9 @@ def plan_problems(plan: Plan, known_skills: set[str]) -> list[str]:
                         "which is not in depends_on"
                     )
             else:
-                problems.append(f"step {step.id!r}: reference ${{{ref}}} must start with goal. or steps.")
+                problems.append(
+                    f"step {step.id!r}: reference ${{{ref}}} must start with goal. or steps."
+                )
     if not problems and _has_cycle(plan):
         problems.append("plan has a dependency cycle")
     return problems

@@ -40,7 +40,9 @@ class PlannerService:
         self.http.backends = {"planner": "stub" if self.planner.is_stub else settings.backend}
 
     async def start(self) -> None:
-        self.bus = await EventBus.connect(self.settings.nats_url, self.settings.namespace, self.name)
+        self.bus = await EventBus.connect(
+            self.settings.nats_url, self.settings.namespace, self.name
+        )
         await self.bus.ensure_streams()
         async for event in self.bus.replay_events("plans"):
             if isinstance(event, RunAccepted):

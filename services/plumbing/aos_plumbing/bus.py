@@ -176,7 +176,6 @@ class EventBus:
             opt_start_seq=start_seq,
             ack_policy=js_api.AckPolicy.NONE,
             inactive_threshold=30.0,
-            max_batch=batch,
         )
         sub = await self.js.pull_subscribe(
             stream_subjects(context, self.namespace)[0], stream=self.stream(context), config=config
@@ -310,7 +309,7 @@ class LogConsumer:
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - best effort on shutdown
+            except Exception:
                 pass
 
     async def _run(self) -> None:
@@ -324,13 +323,13 @@ class LogConsumer:
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
                 await asyncio.sleep(0.5)
                 continue
-            except Exception:  # noqa: BLE001 - keep consuming through NATS blips
+            except Exception:
                 log.exception("%s: fetch failed", self.durable)
                 await asyncio.sleep(0.5)
                 continue
             try:
                 await self.process(msgs)
-            except Exception:  # noqa: BLE001 - a failing batch is redelivered, not fatal
+            except Exception:
                 log.exception("%s: batch failed; it will be redelivered", self.durable)
                 for msg in msgs:
                     await _safe_nak(msg, delay=1.0)
@@ -371,7 +370,7 @@ class LogConsumer:
 async def _safe_nak(msg: Msg, delay: float) -> None:
     try:
         await msg.nak(delay=delay)
-    except Exception:  # noqa: BLE001 - the ack wait will redeliver it anyway
+    except Exception:
         pass
 
 
@@ -392,7 +391,7 @@ def per_run(handle: EventHandler, *, park_after_deliveries: int = 5) -> BatchHan
                 return failed + run_deliveries[index:]
             try:
                 await handle(delivery)
-            except Exception:  # noqa: BLE001 - reported, nak'ed, parked if it persists
+            except Exception:
                 log.exception(
                     "handling %s (seq %d) failed", delivery.event.type, delivery.stream_seq
                 )

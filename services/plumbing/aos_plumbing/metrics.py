@@ -65,9 +65,12 @@ EVENTS_CONSUMED = counter(
     "aos_events_consumed_total", "events taken from the log", ("service", "context")
 )
 PARKED = counter(
-    "aos_parked_messages_total", "messages parked as undecodable or unhandleable", ("service", "stream")
+    "aos_parked_messages_total",
+    "messages parked as undecodable or unhandleable",
+    ("service", "stream"),
 )
 CONSUMER_PENDING = gauge(
-    "aos_consumer_pending_messages", "messages in the stream not yet delivered to the consumer",
+    "aos_consumer_pending_messages",
+    "messages in the stream not yet delivered to the consumer",
     ("service", "consumer"),
 )

@@ -1,0 +1,71 @@
+"""Test fixtures: real NATS, PostgreSQL and Redis.
+
+With `AOS_NATS_URL`, `AOS_POSTGRES_URL` and `REDIS_URL` set, the tests use those servers
+(that is how a user with their own infrastructure runs them). Otherwise a private NATS
+(JetStream), PostgreSQL and Redis are started on free loopback ports for the session,
+from what `pip` installed. Every test gets its own namespace (subjects, streams, Redis
+keys) and its own database, so tests never see each other's data on a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from aos_cli.embedded import EmbeddedInfra, InfraUrls
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraUrls]:
+    external = InfraUrls.from_env()
+    if external is not None:
+        yield external
+        return
+    embedded = EmbeddedInfra(tmp_path_factory.mktemp("infra"))
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def database(infra: InfraUrls) -> AsyncIterator[str]:
+    """A fresh, empty database on the test PostgreSQL server; dropped afterwards."""
+    name = f"aos_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(infra.postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield infra.database_url(name)
+    admin = await asyncpg.connect(infra.postgres_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path
+
+
+def pytest_report_header() -> str:
+    external = {
+        key: os.environ.get(key) for key in ("AOS_NATS_URL", "AOS_POSTGRES_URL", "REDIS_URL")
+    }
+    if all(external.values()):
+        return "aos infra: external " + ", ".join(f"{k}={v}" for k, v in external.items())
+    return "aos infra: embedded (private servers on free ports)"
