@@ -72,7 +72,9 @@ def asyncapi() -> dict[str, Any]:
         }
         channels[context] = {
             "address": f"aos.{context}.{{tenant}}.{{run_id}}",
-            "description": f"JetStream stream {stream_name(context)}; written by {WRITERS[context]}",
+            "description": (
+                f"JetStream stream {stream_name(context)}; written by {WRITERS[context]}"
+            ),
             "parameters": {"tenant": {}, "run_id": {}},
             "messages": refs,
         }

@@ -10,6 +10,7 @@ the small layer that does those on nats-py; FastStream is not needed underneath 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -307,10 +308,8 @@ class LogConsumer:
             except TimeoutError:
                 self._task.cancel()
         if self._sub is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on shutdown
                 await self._sub.unsubscribe()
-            except Exception:
-                pass
 
     async def _run(self) -> None:
         assert self._sub is not None
@@ -323,13 +322,13 @@ class LogConsumer:
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
                 await asyncio.sleep(0.5)
                 continue
-            except Exception:
+            except Exception:  # keep consuming through NATS blips
                 log.exception("%s: fetch failed", self.durable)
                 await asyncio.sleep(0.5)
                 continue
             try:
                 await self.process(msgs)
-            except Exception:
+            except Exception:  # a failing batch is redelivered, not fatal
                 log.exception("%s: batch failed; it will be redelivered", self.durable)
                 for msg in msgs:
                     await _safe_nak(msg, delay=1.0)
@@ -368,10 +367,9 @@ class LogConsumer:
 
 
 async def _safe_nak(msg: Msg, delay: float) -> None:
-    try:
+    # If the nak is lost, the ack wait redelivers the message anyway.
+    with contextlib.suppress(Exception):
         await msg.nak(delay=delay)
-    except Exception:
-        pass
 
 
 def per_run(handle: EventHandler, *, park_after_deliveries: int = 5) -> BatchHandler:
@@ -391,7 +389,7 @@ def per_run(handle: EventHandler, *, park_after_deliveries: int = 5) -> BatchHan
                 return failed + run_deliveries[index:]
             try:
                 await handle(delivery)
-            except Exception:
+            except Exception:  # reported, nak'ed, parked if it persists
                 log.exception(
                     "handling %s (seq %d) failed", delivery.event.type, delivery.stream_seq
                 )

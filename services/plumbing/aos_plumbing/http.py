@@ -74,7 +74,7 @@ class ServiceHttp:
         for name, check in self.checks.items():
             try:
                 results[name] = bool(await asyncio.wait_for(check(), timeout=2.0))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failing check is a result
                 results[name] = False
                 results[f"{name}_error"] = type(exc).__name__
         ready = all(value for key, value in results.items() if not key.endswith("_error"))

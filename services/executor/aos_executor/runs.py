@@ -1,0 +1,280 @@
+"""A run as the executor sees it: state folded from events, and what to do next.
+
+Level-triggered, like a Kubernetes controller: `apply` folds any event (its own or
+another service's, live or replayed, once or twice) into the state with guarded
+transitions, and `next_actions` looks at the state and says what is missing. Every
+event it decides on has an id derived from (run, step, attempt, purpose), so deciding
+twice — after a crash, a redelivery, or a replay — publishes the same ids, which the
+log drops as duplicates. Pure: no I/O here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from aos_contracts.events import (
+    AnyEvent,
+    BudgetDenied,
+    BudgetReservationRequested,
+    BudgetReserved,
+    EventEnvelope,
+    PlanCreated,
+    PlanRejected,
+    RunCancelled,
+    RunCancelRequested,
+    RunCompleted,
+    RunFailed,
+    StepFailed,
+    StepStarted,
+    StepSucceeded,
+    derive_event_id,
+)
+from aos_contracts.failures import Failure
+from aos_contracts.plans import Plan, PlanStep
+from aos_contracts.skills import SKILL_CONTRACTS
+from aos_executor.references import UnresolvedReference, resolve
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"  # nothing asked yet for this attempt
+    RESERVING = "reserving"  # budget.reservation_requested published
+    RESERVED = "reserved"  # the ledger said yes: may start
+    RUNNING = "running"  # step.started published, result not yet
+    BACKOFF = "backoff"  # failed retryably, waiting before the next attempt
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed for good (non-retryable or out of attempts)
+    DENIED = "denied"  # the ledger said no
+
+
+@dataclass
+class StepState:
+    step: PlanStep
+    attempt: int = 1
+    status: StepStatus = StepStatus.PENDING
+    output: Any = None
+    cost_cents: int = 0  # actual cost summed over attempts
+    failure: Failure | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        contract = SKILL_CONTRACTS.get(self.step.skill)
+        default = contract.max_attempts if contract else 1
+        return self.step.max_attempts or default
+
+
+def reservation_id(run_id: uuid.UUID, step_id: str, attempt: int) -> uuid.UUID:
+    return derive_event_id(run_id, f"reservation/{step_id}/{attempt}")
+
+
+@dataclass
+class RunState:
+    run_id: uuid.UUID
+    tenant: str
+    correlation_id: uuid.UUID | None = None
+    plan: Plan | None = None
+    plan_event_id: uuid.UUID | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, StepState] = field(default_factory=dict)
+    rejection: PlanRejected | None = None
+    cancel_reason: str | None = None
+    terminal: str | None = None  # the type of the terminal event once published
+
+    # --- folding ---------------------------------------------------------------------
+
+    def apply(self, event: AnyEvent) -> None:
+        if isinstance(event, PlanCreated):
+            if self.plan is None:
+                self.plan = event.plan
+                self.plan_event_id = event.event_id
+                self.correlation_id = event.correlation_id
+                self.inputs = dict(event.inputs)
+                self.steps = {step.id: StepState(step) for step in event.plan.steps}
+        elif isinstance(event, PlanRejected):
+            self.rejection = self.rejection or event
+            self.correlation_id = self.correlation_id or event.correlation_id
+        elif isinstance(event, RunCancelRequested):
+            self.cancel_reason = self.cancel_reason or event.reason
+        elif isinstance(event, (RunCompleted, RunFailed, RunCancelled)):
+            self.terminal = self.terminal or event.type
+        elif isinstance(event, BudgetReservationRequested):
+            state = self.steps.get(event.step_id)
+            if (
+                state
+                and _is_current_or_later(state, event.attempt)
+                and state.status
+                in (
+                    StepStatus.PENDING,
+                    StepStatus.BACKOFF,
+                )
+            ):
+                state.attempt = event.attempt
+                state.status = StepStatus.RESERVING
+        elif isinstance(event, (BudgetReserved, BudgetDenied)):
+            state = self.steps.get(event.step_id)
+            if (
+                state
+                and event.reservation_id
+                == reservation_id(self.run_id, state.step.id, state.attempt)
+                and state.status in (StepStatus.PENDING, StepStatus.RESERVING)
+            ):
+                if isinstance(event, BudgetReserved):
+                    state.status = StepStatus.RESERVED
+                else:
+                    state.status = StepStatus.DENIED
+                    state.failure = event.error
+        elif isinstance(event, StepStarted):
+            state = self.steps.get(event.step_id)
+            if (
+                state
+                and event.attempt == state.attempt
+                and state.status
+                in (
+                    StepStatus.PENDING,
+                    StepStatus.RESERVING,
+                    StepStatus.RESERVED,
+                )
+            ):
+                state.status = StepStatus.RUNNING
+        elif isinstance(event, StepSucceeded):
+            state = self.steps.get(event.step_id)
+            if (
+                state
+                and state.status is not StepStatus.SUCCEEDED
+                and event.attempt >= state.attempt
+            ):
+                state.attempt = event.attempt
+                state.status = StepStatus.SUCCEEDED
+                state.output = event.output
+                state.cost_cents += event.cost_cents
+        elif isinstance(event, StepFailed):
+            state = self.steps.get(event.step_id)
+            if state and state.status in _OPEN and event.attempt >= state.attempt:
+                state.cost_cents += event.cost_cents
+                state.failure = event.error
+                if event.will_retry:
+                    state.attempt = event.attempt + 1
+                    state.status = StepStatus.BACKOFF
+                else:
+                    state.attempt = event.attempt
+                    state.status = StepStatus.FAILED
+
+    # --- deciding --------------------------------------------------------------------
+
+    @property
+    def cost_cents(self) -> int:
+        return sum(state.cost_cents for state in self.steps.values())
+
+    def outputs(self) -> dict[str, Any]:
+        return {
+            step_id: state.output
+            for step_id, state in self.steps.items()
+            if state.status is StepStatus.SUCCEEDED
+        }
+
+    def next_actions(self) -> tuple[list[EventEnvelope], list[StepState]]:
+        """Events to publish now, and steps that may start now (their budget is reserved)."""
+        if self.terminal:
+            return [], []
+        if self.rejection is not None:
+            error = Failure.of(self.rejection.code, "; ".join(self.rejection.reasons))
+            return [self._terminal(RunFailed, error=error)], []
+        if self.plan is None:
+            return [], []  # a cancel or budget event before the plan: wait for the plan
+        if self.cancel_reason is not None:
+            return [self._terminal(RunCancelled, reason=self.cancel_reason)], []
+        for state in self.steps.values():
+            if state.status in (StepStatus.FAILED, StepStatus.DENIED):
+                assert state.failure is not None
+                return [
+                    self._terminal(RunFailed, error=state.failure, failed_step_id=state.step.id)
+                ], []
+        if all(state.status is StepStatus.SUCCEEDED for state in self.steps.values()):
+            outputs = self.outputs()
+            sinks = {step_id: outputs[step_id] for step_id in self.plan.sinks()}
+            return [self._terminal(RunCompleted, outputs=sinks)], []
+        events: list[EventEnvelope] = []
+        startable: list[StepState] = []
+        for state in self.steps.values():
+            if not self._dependencies_met(state):
+                continue
+            if state.status is StepStatus.PENDING:
+                events.append(self._reservation_request(state))
+            elif state.status is StepStatus.RESERVED:
+                startable.append(state)
+        return events, startable
+
+    def _dependencies_met(self, state: StepState) -> bool:
+        return all(self.steps[dep].status is StepStatus.SUCCEEDED for dep in state.step.depends_on)
+
+    def _reservation_request(self, state: StepState) -> BudgetReservationRequested:
+        contract = SKILL_CONTRACTS[state.step.skill]
+        try:
+            amount = contract.estimate_cents(self.resolved_params_or_raw(state))
+        except ValueError:
+            # Params that do not validate fail the step with INPUT_INVALID before the
+            # skill is called, so nothing can be spent: reserve nothing.
+            amount = 0
+        step_id = state.step.id
+        return BudgetReservationRequested(
+            event_id=derive_event_id(self.run_id, f"reserve/{step_id}/{state.attempt}"),
+            run_id=self.run_id,
+            tenant=self.tenant,
+            causation_id=self.plan_event_id,
+            correlation_id=self.correlation_id,
+            reservation_id=reservation_id(self.run_id, step_id, state.attempt),
+            step_id=step_id,
+            attempt=state.attempt,
+            amount_cents=amount,
+        )
+
+    def resolved_params_or_raw(self, state: StepState) -> dict[str, Any]:
+        try:
+            resolved = resolve(state.step.params, self.inputs, self.outputs())
+        except UnresolvedReference:
+            return dict(state.step.params)
+        return resolved if isinstance(resolved, dict) else dict(state.step.params)
+
+    def _terminal(self, cls: Callable[..., EventEnvelope], **payload: Any) -> EventEnvelope:
+        return cls(
+            event_id=derive_event_id(self.run_id, "terminal"),
+            run_id=self.run_id,
+            tenant=self.tenant,
+            causation_id=self.plan_event_id
+            or (self.rejection.event_id if self.rejection else None),
+            correlation_id=self.correlation_id,
+            cost_cents=self.cost_cents,
+            **payload,
+        )
+
+    def step_event(
+        self, cls: Callable[..., EventEnvelope], state: StepState, purpose: str, **payload: Any
+    ) -> Any:
+        step_id = state.step.id
+        return cls(
+            event_id=derive_event_id(self.run_id, f"{purpose}/{step_id}/{state.attempt}"),
+            run_id=self.run_id,
+            tenant=self.tenant,
+            causation_id=reservation_id(self.run_id, step_id, state.attempt),
+            correlation_id=self.correlation_id,
+            step_id=step_id,
+            skill=state.step.skill,
+            attempt=state.attempt,
+            reservation_id=reservation_id(self.run_id, step_id, state.attempt),
+            **payload,
+        )
+
+
+_OPEN = (
+    StepStatus.PENDING,
+    StepStatus.RESERVING,
+    StepStatus.RESERVED,
+    StepStatus.RUNNING,
+)
+
+
+def _is_current_or_later(state: StepState, attempt: int) -> bool:
+    return attempt >= state.attempt

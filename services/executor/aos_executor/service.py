@@ -1,0 +1,331 @@
+"""The executor service: runs plans step by step, each step only after the ledger said yes.
+
+Inputs: plan.created / plan.rejected (plans), budget.reserved / budget.denied (budget),
+run.cancel_requested (goals). Outputs, on its own stream: budget.reservation_requested,
+step.started, step.succeeded / step.failed, run.completed / run.failed / run.cancelled.
+
+State lives in memory and is rebuilt at start by replaying the log (plans, its own
+runs stream, budget decisions, cancellations); then every unfinished run is driven
+again. Because decisions are level-triggered and their event ids deterministic (see
+runs.py), a restart at any instant resumes each run where the log says it is: no step
+that completed runs again (its result is in the log), no step is lost.
+
+Walking-skeleton limits (issue 5 lifts them): the replay reads the whole log (no
+Postgres checkpoint yet), a step interrupted mid-call is called again (fine for pure and
+idempotent skills; unsafe ones need the Redis idempotency claim), and one executor
+replica runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from aos_contracts.events import (
+    AnyEvent,
+    BudgetDenied,
+    BudgetReserved,
+    EventEnvelope,
+    PlanCreated,
+    PlanRejected,
+    RunCancelRequested,
+    StepFailed,
+    StepStarted,
+    StepSucceeded,
+)
+from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.skills import SideEffect
+from aos_executor.references import UnresolvedReference, resolve
+from aos_executor.runs import RunState, StepState, StepStatus
+from aos_executor.settings import ExecutorSettings
+from aos_executor.skills import Skill, SkillError, SkillResult, default_registry
+from aos_plumbing import metrics
+from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
+from aos_plumbing.http import ServiceHttp
+
+log = logging.getLogger(__name__)
+
+STEPS = metrics.counter(
+    "aos_steps_total", "step attempts by skill and outcome", ("skill", "outcome")
+)
+STEP_SECONDS = metrics.histogram(
+    "aos_step_duration_seconds",
+    "time inside the skill, per attempt",
+    ("skill",),
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)
+RUNS = metrics.counter("aos_runs_total", "finished runs by terminal status", ("status",))
+ACTIVE_RUNS = metrics.gauge("aos_executor_active_runs", "runs in progress in this executor")
+
+# Events that create a run in the executor's memory; others for an unknown run wait.
+_OPENING = (PlanCreated, PlanRejected, RunCancelRequested)
+_RELEVANT = (*_OPENING, BudgetReserved, BudgetDenied)
+
+
+class ExecutorService:
+    name = "executor"
+
+    def __init__(self, settings: ExecutorSettings, skills: dict[str, Skill] | None = None) -> None:
+        self.settings = settings
+        self.skills = skills or default_registry()
+        self.runs: dict[uuid.UUID, RunState] = {}
+        self.finished: set[uuid.UUID] = set()
+        self.locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.backoffs: set[tuple[uuid.UUID, str]] = set()
+        self.bus: EventBus | None = None
+        self.consumers: list[LogConsumer] = []
+        self.running = False
+        self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
+        self.http.backends = {
+            f"skill:{name}": "stub" if skill.is_stub else "real"
+            for name, skill in self.skills.items()
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.bus = await EventBus.connect(
+            self.settings.nats_url, self.settings.namespace, self.name
+        )
+        await self.bus.ensure_streams()
+        self.running = True
+        await self.rebuild()
+        handler = per_run(self.handle)
+        self.consumers = [
+            self.bus.consumer(context, self.name, handler, batch_size=self.settings.consumer_batch)
+            for context in ("plans", "budget", "goals")
+        ]
+        for consumer in self.consumers:
+            await consumer.start()
+        for state in list(self.runs.values()):
+            async with self._lock(state.run_id):
+                await self._drive(state)
+        bus = self.bus
+        self.http.add_check("nats", lambda: _const(bus.connected))
+        await self.http.start()
+
+    async def stop(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop()
+        self.running = False
+        if self.tasks:
+            # In-flight steps get a grace period to finish and publish their results;
+            # what does not finish is resumed from the log by the next executor.
+            await asyncio.wait(self.tasks, timeout=10.0)
+        await self.http.stop()
+        if self.bus:
+            await self.bus.close()
+
+    async def rebuild(self) -> None:
+        """Fold the whole log into memory: plans, own events, budget decisions, cancels."""
+        assert self.bus is not None
+        count = 0
+        for context in ("plans", "runs", "budget", "goals"):
+            async for event in self.bus.replay_events(context):
+                count += 1
+                self._fold(event)
+        for run_id in [run_id for run_id, state in self.runs.items() if state.terminal]:
+            self._finish(run_id)
+        log.info("executor rebuilt from %d events: %d runs in progress", count, len(self.runs))
+        ACTIVE_RUNS.set(len(self.runs))
+
+    def _fold(self, event: AnyEvent) -> RunState | None:
+        if event.run_id in self.finished:
+            return None
+        state = self.runs.get(event.run_id)
+        if state is None:
+            if not isinstance(event, _OPENING):
+                return None
+            state = self.runs[event.run_id] = RunState(event.run_id, event.tenant)
+        state.apply(event)
+        return state
+
+    def _finish(self, run_id: uuid.UUID) -> None:
+        self.runs.pop(run_id, None)
+        self.locks.pop(run_id, None)
+        self.finished.add(run_id)
+
+    def _lock(self, run_id: uuid.UUID) -> asyncio.Lock:
+        lock = self.locks.get(run_id)
+        if lock is None:
+            lock = self.locks[run_id] = asyncio.Lock()
+        return lock
+
+    # --- events in -----------------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if not isinstance(event, _RELEVANT):
+            return
+        async with self._lock(event.run_id):
+            state = self._fold(event)
+            if state is not None:
+                await self._drive(state)
+
+    async def _drive(self, state: RunState) -> None:
+        """Publish whatever the run is missing; start the steps whose budget is reserved.
+        Called with the run's lock held."""
+        assert self.bus is not None
+        while not state.terminal:
+            events, startable = state.next_actions()
+            for step in startable:
+                # Claimed in memory now; the log learns it from step.started. If we die
+                # before that, the replay finds the step reserved and starts it again.
+                step.status = StepStatus.RUNNING
+                self._spawn(self._execute(state, step))
+            for step in state.steps.values():
+                if (
+                    step.status is StepStatus.BACKOFF
+                    and (state.run_id, step.step.id) not in self.backoffs
+                ):
+                    self.backoffs.add((state.run_id, step.step.id))
+                    self._spawn(self._retry_later(state, step))
+            if not events:
+                return
+            await self.bus.publish_all(events)
+            self._applied(state, events)
+
+    def _applied(self, state: RunState, events: Sequence[EventEnvelope]) -> None:
+        for event in events:
+            state.apply(event)  # type: ignore[arg-type]  # every event we publish is AnyEvent
+        if state.terminal:
+            RUNS.labels(state.terminal.removeprefix("run.")).inc()
+            self._finish(state.run_id)
+        ACTIVE_RUNS.set(len(self.runs))
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _execute(self, state: RunState, step: StepState) -> None:
+        skill = self.skills.get(step.step.skill)
+        started_at = time.perf_counter()
+        params: dict[str, Any] = {}
+        result: SkillResult | None = None
+        failure: Failure | None = None
+        started_published = False
+        try:
+            if skill is None:
+                raise SkillError(
+                    Failure.of(FailureCode.SKILL_UNKNOWN, f"no skill {step.step.skill!r}")
+                )
+            resolved = resolve(step.step.params, state.inputs, state.outputs())
+            params = resolved
+            validated = skill.contract.params_model.model_validate(resolved)
+            started = state.step_event(StepStarted, step, "started", params=params)
+            pure = skill.contract.side_effect is SideEffect.PURE
+            if not pure:
+                # Before an effect leaves the process, the log must say it started.
+                await self._publish_until_done([started])
+                started_published = True
+            timeout = step.step.timeout_s or skill.contract.timeout_s
+            started_at = time.perf_counter()
+            async with asyncio.timeout(timeout):
+                result = await skill.run(validated)
+        except SkillError as exc:
+            failure = exc.failure
+        except UnresolvedReference as exc:
+            failure = Failure.of(FailureCode.INPUT_INVALID, str(exc))
+        except ValidationError as exc:
+            failure = Failure.of(FailureCode.INPUT_INVALID, _validation_message(step, exc))
+        except TimeoutError:
+            failure = Failure.of(
+                FailureCode.SKILL_TIMEOUT, f"{step.step.skill} took longer than its timeout"
+            )
+        except Exception as exc:  # a skill bug fails the step, not the run loop
+            log.exception("skill %s crashed", step.step.skill)
+            failure = Failure.of(FailureCode.SKILL_ERROR, f"{type(exc).__name__}: {exc}")
+        elapsed = time.perf_counter() - started_at
+        duration_ms = round(elapsed * 1000, 3)
+        skill_name = step.step.skill
+        STEP_SECONDS.labels(skill_name).observe(elapsed)
+        out: list[EventEnvelope] = []
+        if not started_published:
+            # Pure steps publish step.started together with their result (one round trip
+            # fewer; nothing left the process in between), and so does a step that
+            # failed before its call, so the timeline still shows the attempt.
+            out.append(state.step_event(StepStarted, step, "started", params=params))
+        if result is not None:
+            STEPS.labels(skill_name, "succeeded").inc()
+            out.append(
+                state.step_event(
+                    StepSucceeded,
+                    step,
+                    "result",
+                    output=result.output,
+                    cost_cents=result.cost_cents,
+                    duration_ms=duration_ms,
+                    is_stub=bool(skill and skill.is_stub),
+                )
+            )
+        else:
+            assert failure is not None
+            will_retry = failure.retryable and step.attempt < step.max_attempts
+            STEPS.labels(skill_name, "retrying" if will_retry else "failed").inc()
+            out.append(
+                state.step_event(
+                    StepFailed,
+                    step,
+                    "result",
+                    error=failure,
+                    will_retry=will_retry,
+                    duration_ms=duration_ms,
+                )
+            )
+        async with self._lock(state.run_id):
+            for event in out:
+                state.apply(event)  # type: ignore[arg-type]
+            # The result and what it unlocks (the next reservations, or the run's end)
+            # go out in one round trip.
+            follow_up, _ = state.next_actions()
+            await self._publish_until_done([*out, *follow_up])
+            self._applied(state, follow_up)
+            await self._drive(state)
+
+    async def _retry_later(self, state: RunState, step: StepState) -> None:
+        delay = self.settings.retry_backoff_s * 2 ** max(0, step.attempt - 2)
+        await asyncio.sleep(delay)
+        async with self._lock(state.run_id):
+            self.backoffs.discard((state.run_id, step.step.id))
+            if step.status is StepStatus.BACKOFF and not state.terminal:
+                step.status = StepStatus.PENDING
+                await self._drive(state)
+
+    async def _publish_until_done(self, events: Sequence[EventEnvelope]) -> None:
+        """Publish from a step task, where there is no message to nak: keep trying until
+        NATS takes it (ids are deterministic, so a retry cannot duplicate), or until
+        shutdown, after which the next executor's replay picks the run up."""
+        assert self.bus is not None
+        delay = 0.05
+        while True:
+            try:
+                await self.bus.publish_all(events)
+                return
+            except Exception:  # NATS blips are retried
+                if not self.running:
+                    raise
+                log.warning("publishing %d events failed; retrying in %.2fs", len(events), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _validation_message(step: StepState, exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:3]:
+        location = ".".join(str(item) for item in error["loc"]) or "params"
+        parts.append(f"{location}: {error['msg']}")
+    return f"step {step.step.id!r} ({step.step.skill}) params invalid: " + "; ".join(parts)
+
+
+async def _const(value: bool) -> bool:
+    return value
