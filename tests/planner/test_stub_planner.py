@@ -1,0 +1,116 @@
+"""The stub planner and the planner's decision (pure)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from aos_contracts import GoalSubmitted, PlanCreated, PlanRejected, RunAccepted
+from aos_contracts.failures import FailureCode
+from aos_contracts.plans import Plan, PlanStep, plan_problems
+from aos_contracts.skills import SKILL_CONTRACTS
+from aos_planner.planning import decide, estimate_cents, param_problems
+from aos_planner.stub import StubPlanner
+
+
+def goal(goal_text: str, budget: int = 100, **inputs: object) -> GoalSubmitted:
+    return GoalSubmitted(
+        run_id=uuid.uuid4(), tenant="acme", goal=goal_text, budget_cents=budget, inputs=inputs
+    )
+
+
+def test_the_same_goal_gives_a_byte_identical_plan() -> None:
+    planner = StubPlanner()
+    first = planner.plan("summarize the notes", {"text": "x"}).model_dump_json()
+    again = planner.plan("summarize the notes", {"text": "x"}).model_dump_json()
+    assert first == again
+
+
+@pytest.mark.parametrize(
+    ("text", "skills"),
+    [
+        ("bench 3", ["json_transform"] * 3),
+        ("please fetch https://example.com/a.json now", ["http_call", "json_transform"]),
+        ("Summarise the release notes", ["json_transform", "llm_invoke"]),
+    ],
+)
+def test_each_rule_gives_its_documented_plan(text: str, skills: list[str]) -> None:
+    plan = StubPlanner().plan(text, {})
+    assert [step.skill for step in plan.steps] == skills
+    assert plan_problems(plan, set(SKILL_CONTRACTS)) == []
+    assert param_problems(plan) == []
+
+
+def test_accepted_goal_gets_run_accepted_then_plan_created_with_derived_ids() -> None:
+    submitted = goal("summarize it", text="hello")
+    events = decide(submitted, StubPlanner())
+    assert [type(event) for event in events] == [RunAccepted, PlanCreated]
+    assert all(event.causation_id == submitted.event_id for event in events)
+    assert [e.event_id for e in events] == [e.event_id for e in decide(submitted, StubPlanner())]
+    created = events[1]
+    assert isinstance(created, PlanCreated)
+    assert created.budget_cents == 100
+    assert created.inputs == {"text": "hello"}
+    assert created.estimated_cents == estimate_cents(created.plan) > 0
+
+
+def test_a_goal_no_rule_matches_is_rejected_with_the_rules_listed() -> None:
+    events = decide(goal("make me a sandwich"), StubPlanner())
+    rejected = events[-1]
+    assert isinstance(rejected, PlanRejected)
+    assert rejected.code is FailureCode.PLAN_INVALID
+    assert "bench <N>" in rejected.reasons[0]
+
+
+def test_a_plan_estimated_above_the_budget_never_starts() -> None:
+    events = decide(goal("summarize it", budget=0, text="x"), StubPlanner())
+    rejected = events[-1]
+    assert isinstance(rejected, PlanRejected)
+    assert rejected.code is FailureCode.BUDGET_EXCEEDED
+    assert "above the budget of 0" in rejected.reasons[0]
+
+
+def test_plan_problems_lists_every_reason() -> None:
+    plan = Plan(
+        steps=[
+            PlanStep(id="a", skill="teleport", params={}),
+            PlanStep(
+                id="b",
+                skill="json_transform",
+                params={"op": "extract", "input": "${steps.a.output}"},
+            ),
+            PlanStep(id="c", skill="json_transform", params={"op": "pick"}, depends_on=["zz"]),
+        ]
+    )
+    problems = plan_problems(plan, set(SKILL_CONTRACTS))
+    assert any("unknown skill 'teleport'" in p for p in problems)
+    assert any("not in depends_on" in p for p in problems)
+    assert any("unknown step 'zz'" in p for p in problems)
+
+
+def test_a_cycle_is_a_problem() -> None:
+    plan = Plan(
+        steps=[
+            PlanStep(
+                id="a",
+                skill="json_transform",
+                params={"op": "merge", "inputs": []},
+                depends_on=["b"],
+            ),
+            PlanStep(
+                id="b",
+                skill="json_transform",
+                params={"op": "merge", "inputs": []},
+                depends_on=["a"],
+            ),
+        ]
+    )
+    assert plan_problems(plan, set(SKILL_CONTRACTS)) == ["plan has a dependency cycle"]
+
+
+def test_param_problems_names_unknown_and_missing_params() -> None:
+    plan = Plan(steps=[PlanStep(id="a", skill="llm_invoke", params={"promt": "hi"})])
+    problems = param_problems(plan)
+    assert any("has no params ['promt']" in p for p in problems)
+    assert any("needs params ['prompt']" in p for p in problems)
