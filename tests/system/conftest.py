@@ -1,0 +1,50 @@
+"""The four services as real processes on real infrastructure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aos_cli.embedded import InfraUrls
+from tests.support.processes import ServiceProcess
+
+
+@dataclass
+class System:
+    planner: ServiceProcess
+    executor: ServiceProcess
+    ledger: ServiceProcess
+    tracer: ServiceProcess
+    nats_url: str
+    namespace: str
+
+    @property
+    def all(self) -> list[ServiceProcess]:
+        return [self.ledger, self.tracer, self.executor, self.planner]
+
+
+@pytest.fixture
+def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
+    common = {"AOS_NATS_URL": infra.nats_url, "AOS_NAMESPACE": namespace, "AOS_LOG_LEVEL": "INFO"}
+    services = System(
+        planner=ServiceProcess("planner", {**common, "PLANNER_BACKEND": "stub"}, log_dir),
+        executor=ServiceProcess("executor", {**common, "AOS_RETRY_BACKOFF_S": "0.05"}, log_dir),
+        ledger=ServiceProcess("ledger", {**common, "REDIS_URL": infra.redis_url}, log_dir),
+        tracer=ServiceProcess(
+            "tracer",
+            {**common, "AOS_TRACER_DATABASE_URL": database, "USE_POSTGRES_TRACES": "true"},
+            log_dir,
+        ),
+        nats_url=infra.nats_url,
+        namespace=namespace,
+    )
+    try:
+        for service in services.all:
+            service.start()
+        yield services
+    finally:
+        for service in services.all:
+            service.stop()
