@@ -28,7 +28,13 @@ class System:
 
 @pytest.fixture
 def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
-    common = {"AOS_NATS_URL": infra.nats_url, "AOS_NAMESPACE": namespace, "AOS_LOG_LEVEL": "INFO"}
+    common = {
+        "AOS_NATS_URL": infra.nats_url,
+        "AOS_NAMESPACE": namespace,
+        "AOS_LOG_LEVEL": "INFO",
+        # A killed consumer's unacknowledged batch comes back after this long.
+        "AOS_ACK_WAIT_S": "5",
+    }
     services = System(
         planner=ServiceProcess("planner", {**common, "PLANNER_BACKEND": "stub"}, log_dir),
         executor=ServiceProcess("executor", {**common, "AOS_RETRY_BACKOFF_S": "0.05"}, log_dir),

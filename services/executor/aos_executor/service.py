@@ -92,7 +92,10 @@ class ExecutorService:
 
     async def start(self) -> None:
         self.bus = await EventBus.connect(
-            self.settings.nats_url, self.settings.namespace, self.name
+            self.settings.nats_url,
+            self.settings.namespace,
+            self.name,
+            ack_wait_s=self.settings.ack_wait_s,
         )
         await self.bus.ensure_streams()
         self.running = True

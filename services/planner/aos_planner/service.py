@@ -41,7 +41,10 @@ class PlannerService:
 
     async def start(self) -> None:
         self.bus = await EventBus.connect(
-            self.settings.nats_url, self.settings.namespace, self.name
+            self.settings.nats_url,
+            self.settings.namespace,
+            self.name,
+            ack_wait_s=self.settings.ack_wait_s,
         )
         await self.bus.ensure_streams()
         async for event in self.bus.replay_events("plans"):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
@@ -68,14 +67,21 @@ EventHandler = Callable[[Delivery], Awaitable[None]]
 
 
 class EventBus:
-    def __init__(self, nc: NatsClient, namespace: str, service: str) -> None:
+    def __init__(
+        self, nc: NatsClient, namespace: str, service: str, *, ack_wait_s: float = 30.0
+    ) -> None:
         self.nc = nc
+        # How long a delivered message may stay unacknowledged before JetStream
+        # redelivers it: the floor on recovery time after a consumer dies mid-batch.
+        self.ack_wait_s = ack_wait_s
         self.js: JetStreamContext = nc.jetstream()
         self.namespace = namespace
         self.service = service
 
     @classmethod
-    async def connect(cls, url: str, namespace: str, service: str) -> EventBus:
+    async def connect(
+        cls, url: str, namespace: str, service: str, *, ack_wait_s: float = 30.0
+    ) -> EventBus:
         nc = await nats.connect(
             url,
             name=f"aos-{service}",
@@ -84,7 +90,7 @@ class EventBus:
             # A service keeps running through a NATS blip; /readyz reports it.
             allow_reconnect=True,
         )
-        return cls(nc, namespace, service)
+        return cls(nc, namespace, service, ack_wait_s=ack_wait_s)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -185,7 +191,7 @@ class EventBus:
             while True:
                 try:
                     msgs = await sub.fetch(batch, timeout=2.0)
-                except NatsTimeoutError:
+                except TimeoutError:  # nats-py raises both its own and asyncio's
                     return  # the stream's tail was deleted under us (limits)
                 for msg in msgs:
                     seq = msg.metadata.sequence.stream
@@ -262,7 +268,7 @@ class LogConsumer:
             durable_name=self.durable,
             filter_subject=stream_subjects(self.context, self.bus.namespace)[0],
             ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=30.0,
+            ack_wait=self.bus.ack_wait_s,
             max_deliver=-1,  # we park after park_after_deliveries ourselves, with a reason
             max_ack_pending=20_000,
             deliver_policy=(
@@ -317,7 +323,7 @@ class LogConsumer:
             self.last_batch_at = time.monotonic()
             try:
                 msgs = await self._sub.fetch(self.batch_size, timeout=1.0)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats-py raises both its own and asyncio's
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
                 await asyncio.sleep(0.5)

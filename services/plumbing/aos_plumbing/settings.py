@@ -24,6 +24,12 @@ class CommonSettings(BaseSettings):
     http_host: str = Field(default="0.0.0.0", alias="AOS_HTTP_HOST")
     http_port: int = Field(default=8080, alias="AOS_HTTP_PORT")
     log_level: str = Field(default="INFO", alias="AOS_LOG_LEVEL")
+    ack_wait_s: float = Field(
+        default=30.0,
+        alias="AOS_ACK_WAIT_S",
+        gt=0,
+        description="seconds before an unacknowledged message is redelivered",
+    )
     consumer_batch: int = Field(default=256, alias="AOS_CONSUMER_BATCH", ge=1, le=10_000)
     prometheus_available: bool | None = Field(
         default=None,

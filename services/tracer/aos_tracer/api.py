@@ -1,0 +1,119 @@
+"""The tracer's query API, added to the service's HTTP app (the CLI reads these shapes).
+
+GET /runs?tenant=&status=&limit=     runs, newest first
+GET /runs/{run_id}?tenant=           one run: the run, its steps, its events
+GET /runs/{run_id}/timeline?tenant=  the same as readable text
+GET /parked?limit=                   parked messages, newest first
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from aos_contracts.events import is_valid_tenant
+from aos_tracer.rows import RUN_STATUSES, RunRow
+from aos_tracer.store import TraceStore
+from aos_tracer.timeline import render_timeline
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class TraceApi:
+    def __init__(self, store: TraceStore) -> None:
+        self.store = store
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/runs", self.list_runs)
+        app.router.add_get("/runs/{run_id}", self.get_run)
+        app.router.add_get("/runs/{run_id}/timeline", self.get_timeline)
+        app.router.add_get("/parked", self.list_parked)
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        try:
+            tenant = _tenant(request)
+            status = request.query.get("status")
+            if status is not None and status not in RUN_STATUSES:
+                raise BadRequest(f"status must be one of {', '.join(RUN_STATUSES)}")
+            limit = _limit(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        runs = await self.store.list_runs(tenant=tenant, status=status, limit=limit)
+        return web.json_response({"runs": [run.to_json() for run in runs]})
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        found = await self._run(request)
+        if isinstance(found, web.Response):
+            return found
+        steps = await self.store.run_steps(found.run_id)
+        events = await self.store.run_events(found.run_id)
+        return web.json_response(
+            {
+                "run": found.to_json(),
+                "steps": [step.to_json() for step in steps],
+                "events": [event.to_json() for event in events],
+            }
+        )
+
+    async def get_timeline(self, request: web.Request) -> web.Response:
+        found = await self._run(request)
+        if isinstance(found, web.Response):
+            return found
+        steps = await self.store.run_steps(found.run_id)
+        events = await self.store.run_events(found.run_id)
+        return web.Response(text=render_timeline(found, steps, events), content_type="text/plain")
+
+    async def list_parked(self, request: web.Request) -> web.Response:
+        try:
+            limit = _limit(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        parked = await self.store.list_parked(limit)
+        return web.json_response({"parked": [row.to_json() for row in parked]})
+
+    async def _run(self, request: web.Request) -> RunRow | web.Response:
+        """The run named in the path, or the error response to send instead."""
+        raw_id = request.match_info["run_id"]
+        try:
+            run_id = uuid.UUID(raw_id)
+            tenant = _tenant(request)
+        except ValueError as exc:  # BadRequest too
+            message = str(exc) if isinstance(exc, BadRequest) else f"{raw_id!r} is not a run id"
+            return _error(400, message)
+        run = await self.store.get_run(run_id)
+        # Another tenant's run is reported exactly like a missing one: no existence leak.
+        if run is None or (tenant is not None and run.tenant != tenant):
+            return _error(404, f"run {run_id} not found")
+        return run
+
+
+def _tenant(request: web.Request) -> str | None:
+    tenant = request.query.get("tenant")
+    if tenant is not None and not is_valid_tenant(tenant):
+        raise BadRequest(f"tenant {tenant!r} is not a valid tenant name")
+    return tenant
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise BadRequest(f"limit must be an integer, got {raw!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
+    return limit
+
+
+def _error(status: int, message: str) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    return web.json_response(body, status=status)
