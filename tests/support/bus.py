@@ -52,7 +52,7 @@ class RunWatcher:
             self._changed.set()
 
     async def wait(
-        self, run_ids: Iterable[str], timeout: float = 60.0
+        self, run_ids: Iterable[str], within_s: float = 60.0
     ) -> dict[str, dict[str, Any]]:
         wanted = set(run_ids)
 
@@ -61,7 +61,7 @@ class RunWatcher:
                 self._changed.clear()
                 await self._changed.wait()
 
-        await asyncio.wait_for(all_ended(), timeout)
+        await asyncio.wait_for(all_ended(), within_s)
         return {run_id: self.ends[run_id] for run_id in wanted}
 
 

@@ -37,7 +37,7 @@ async def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
             await submit_goal(nc, ns, f"bench {STEPS}", budget_cents=10) for _ in range(RUNS // 2)
         ]
         await asyncio.to_thread(service.start)
-        ends = await watcher.wait(first + second, timeout=120)
+        ends = await watcher.wait(first + second, within_s=120)
         assert Counter(end["type"] for end in ends.values()) == {"run.completed": RUNS}
 
         # The ledger commits after the run has ended (it learns the cost from the

@@ -1,0 +1,269 @@
+"""Talking to a running AOS: goals in over NATS, runs out of the tracer's HTTP API.
+
+Everything here turns a failure the user can fix (nothing listening, no event log, an
+unknown run) into a `UserError` with one readable sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from aos_cli.config import UserError
+from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
+from aos_contracts.events import TERMINAL_RUN_EVENTS, AnyEvent, GoalSubmitted, derive_event_id
+from aos_contracts.subjects import goal_subject, run_subject, stream_name
+
+# Idempotency keys map to run ids in their own uuid5 namespace, per tenant: the same key
+# resubmitted by the same tenant names the same run and carries the same Nats-Msg-Id.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("0b6c3c1e-8f7e-4f57-9b7a-5d1f2a8c4e21")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def build_goal(
+    goal: str,
+    *,
+    tenant: str,
+    budget_cents: int,
+    inputs: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> GoalSubmitted:
+    ids: dict[str, uuid.UUID] = {}
+    if idempotency_key:
+        run_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{tenant}/{idempotency_key}")
+        ids = {"run_id": run_id, "event_id": derive_event_id(run_id, "goal.submitted")}
+    else:
+        ids = {"run_id": uuid.uuid4()}
+    try:
+        return GoalSubmitted(
+            tenant=tenant,
+            goal=goal,
+            budget_cents=budget_cents,
+            inputs=inputs or {},
+            idempotency_key=idempotency_key,
+            **ids,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "goal"
+        raise UserError(f"invalid goal: {field}: {first['msg']}") from exc
+
+
+async def connect(url: str) -> NatsClient:
+    async def quiet(exc: Exception) -> None:
+        """nats-py logs every failed attempt with a traceback; the CLI says it once."""
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                name="aos-cli",
+                connect_timeout=2,
+                allow_reconnect=False,
+                # 0 would mean "forever" in nats-py; 1 gives up after a second attempt.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.2,
+                error_cb=quiet,
+            ),
+            timeout=10,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise UserError(
+            f"cannot reach NATS at {redact(url)}: is AOS running? (start it with `aos up`)"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Submission:
+    goal: GoalSubmitted
+    duplicate: bool  # JetStream already had this Nats-Msg-Id: no second run started
+    terminal: AnyEvent | None = None  # the run's last event, when waited for
+
+
+class RunWatcher:
+    """A core NATS subscription to every event of one run, made before the goal is
+    published so the terminal event cannot slip past in between."""
+
+    def __init__(self, nc: NatsClient, namespace: str, goal: GoalSubmitted) -> None:
+        self.nc = nc
+        self.subject = f"{namespace}.*.{goal.tenant}.{goal.run_id}"
+        self.terminal: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
+        self.events: list[AnyEvent] = []
+
+    async def __aenter__(self) -> RunWatcher:
+        self._sub = await self.nc.subscribe(self.subject, cb=self._on_msg)
+        await self.nc.flush()  # the server has the subscription before anything is sent
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except EventDecodeError:
+            return  # parked by the services; not ours to judge here
+        self.events.append(event)
+        if str(event.type) in TERMINAL_RUN_EVENTS and not self.terminal.done():
+            self.terminal.set_result(event)
+
+
+async def publish_goal(nc: NatsClient, namespace: str, goal: GoalSubmitted) -> bool:
+    """Publish on the tenant's goal subject; True when JetStream saw it before."""
+    subject = goal_subject(goal.tenant, goal.run_id, namespace)
+    try:
+        ack = await nc.jetstream().publish(
+            subject, encode_event(goal), headers=event_headers(goal), timeout=5.0
+        )
+    except nats.errors.NoRespondersError as exc:
+        raise UserError(
+            f"NATS has no AOS event log for namespace {namespace!r} "
+            "(are the services running? start them with `aos up`)"
+        ) from exc
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise UserError(f"publishing the goal failed: {exc or type(exc).__name__}") from exc
+    return bool(ack.duplicate)
+
+
+async def finished_event(nc: NatsClient, namespace: str, goal: GoalSubmitted) -> AnyEvent | None:
+    """The run's terminal event if it is already in the log (a resubmitted goal)."""
+    try:
+        msg = await nc.jetstream().get_last_msg(
+            stream_name("runs", namespace), run_subject("runs", goal.tenant, goal.run_id, namespace)
+        )
+    except (NotFoundError, nats.errors.Error):
+        return None
+    if msg.data is None:
+        return None
+    try:
+        event = decode_event(msg.data)
+    except EventDecodeError:
+        return None
+    return event if str(event.type) in TERMINAL_RUN_EVENTS else None
+
+
+async def submit_goal(
+    nats_url: str,
+    namespace: str,
+    goal: GoalSubmitted,
+    *,
+    wait: bool,
+    wait_s: float = 60.0,
+) -> Submission:
+    nc = await connect(nats_url)
+    try:
+        if not wait:
+            duplicate = await publish_goal(nc, namespace, goal)
+            return Submission(goal, duplicate)
+        async with RunWatcher(nc, namespace, goal) as watcher:
+            duplicate = await publish_goal(nc, namespace, goal)
+            if goal.idempotency_key:
+                done = await finished_event(nc, namespace, goal)
+                if done is not None:
+                    return Submission(goal, duplicate, done)
+            try:
+                terminal = await asyncio.wait_for(watcher.terminal, wait_s)
+            except TimeoutError as exc:
+                raise UserError(
+                    f"run {goal.run_id} did not finish within {wait_s:g}s "
+                    f"(see `aos run show {goal.run_id}`)"
+                ) from exc
+            return Submission(goal, duplicate, terminal)
+    finally:
+        await nc.close()
+
+
+# --- the tracer's HTTP API --------------------------------------------------------------
+
+
+def tracer_get(base_url: str, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    try:
+        return httpx.get(f"{base_url}{path}", params=params, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise UserError(
+            f"cannot reach the tracer at {base_url}: is AOS running? (start it with `aos up`)"
+        ) from exc
+
+
+def tracer_json(response: httpx.Response, what: str) -> dict[str, Any]:
+    if response.status_code == 404:
+        raise UserError(f"unknown {what}")
+    try:
+        body = response.json()
+    except json.JSONDecodeError:
+        body = None
+    if response.status_code >= 400:
+        reason = body.get("error") if isinstance(body, dict) else response.text[:200]
+        raise UserError(f"the tracer answered {response.status_code}: {reason}")
+    if not isinstance(body, dict):
+        raise UserError(f"the tracer answered something that is not a JSON object for {what}")
+    return body
+
+
+def list_runs(
+    tracer_url: str, *, tenant: str | None, status: str | None, limit: int
+) -> list[dict[str, Any]]:
+    params = {"limit": str(limit)}
+    if tenant:
+        params["tenant"] = tenant
+    if status:
+        params["status"] = status
+    body = tracer_json(tracer_get(tracer_url, "/runs", params), "runs")
+    runs = body.get("runs", [])
+    return [run for run in runs if isinstance(run, dict)]
+
+
+def get_run(tracer_url: str, run_id: uuid.UUID, tenant: str | None = None) -> dict[str, Any]:
+    params = {"tenant": tenant} if tenant else None
+    return tracer_json(tracer_get(tracer_url, f"/runs/{run_id}", params), f"run {run_id}")
+
+
+def get_timeline(tracer_url: str, run_id: uuid.UUID, tenant: str | None = None) -> str:
+    params = {"tenant": tenant} if tenant else None
+    response = tracer_get(tracer_url, f"/runs/{run_id}/timeline", params)
+    if response.status_code == 404:
+        raise UserError(f"unknown run {run_id}")
+    if response.status_code >= 400:
+        raise UserError(f"the tracer answered {response.status_code}: {response.text[:200]}")
+    return response.text
+
+
+def run_recorded_as_finished(run: dict[str, Any]) -> bool:
+    """Whether the tracer has stored the run's terminal event yet."""
+    events = run.get("events") or []
+    if any(isinstance(e, dict) and e.get("type") in TERMINAL_RUN_EVENTS for e in events):
+        return True
+    summary = run.get("run") or {}
+    return bool(isinstance(summary, dict) and summary.get("ended_at"))
+
+
+def service_readiness(url: str) -> dict[str, Any] | None:
+    """A service's /readyz body (whatever its status code), or None if unreachable."""
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/readyz", timeout=3.0)
+        body = response.json()
+    except (httpx.HTTPError, json.JSONDecodeError):
+        return None
+    return body if isinstance(body, dict) else None

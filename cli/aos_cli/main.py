@@ -1,0 +1,266 @@
+"""`aos`: run AOS locally, submit goals, look at runs.
+
+    aos up [--data-dir .aos] [--no-demo]
+    aos goal submit TEXT --tenant T --budget-cents N [--input-json JSON] [--wait] [--json]
+    aos runs [--tenant T] [--status S] [--json]
+    aos run show RUN_ID [--json]
+    aos stubs [--json]
+
+A user mistake ends in one line on stderr (`aos: error: ...`) and a non-zero exit code;
+set AOS_DEBUG=1 to see the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from aos_cli import stubs, up
+from aos_cli.client import (
+    build_goal,
+    get_run,
+    get_timeline,
+    list_runs,
+    submit_goal,
+)
+from aos_cli.config import DEFAULT_DATA_DIR, UserError, load_config
+from aos_cli.render import describe_terminal, runs_table
+from aos_contracts.events import RunCompleted, is_valid_tenant
+
+EXIT_OK = 0
+EXIT_RUN_NOT_COMPLETED = 1
+EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse prints the usage and then the error; a user needs only the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"aos: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of cents, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _tenant(text: str) -> str:
+    if not is_valid_tenant(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid tenant (lowercase letters, digits, '_' and '-', "
+            "starting with a letter or digit, at most 63 characters)"
+        )
+    return text
+
+
+def _run_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (a UUID)") from None
+
+
+def _inputs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"text": "..."}\'')
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    common = ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="folder of `aos up`: servers' data, logs, state.json (default: .aos)",
+    )
+
+    parser = ArgumentParser(
+        prog="aos",
+        description="AOS: goals in, budgeted, traced, exactly-once work out.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up_cmd = commands.add_parser(
+        "up",
+        parents=[common],
+        help="start NATS, PostgreSQL, Redis (unless configured) and the four services",
+        description="Start AOS locally and keep it running until Ctrl-C. Uses external "
+        "servers when AOS_NATS_URL, AOS_POSTGRES_URL and REDIS_URL are all set.",
+    )
+    up_cmd.add_argument("--no-demo", action="store_true", help="do not submit the demo goal")
+    up_cmd.set_defaults(handler=up.run_up)
+
+    goal_cmd = commands.add_parser("goal", help="goals: submit")
+    goal_commands = goal_cmd.add_subparsers(dest="goal_command", required=True, metavar="COMMAND")
+    submit = goal_commands.add_parser(
+        "submit", parents=[common], help="publish a goal.submitted event"
+    )
+    submit.add_argument("text", help='the goal, e.g. "summarize the release notes"')
+    submit.add_argument("--tenant", type=_tenant, required=True)
+    submit.add_argument("--budget-cents", type=_budget, required=True)
+    submit.add_argument(
+        "--input-json", type=_inputs, default={}, help="the goal's inputs, a JSON object"
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        help="resubmitting with the same key (and tenant) does not start a second run",
+    )
+    submit.add_argument("--wait", action="store_true", help="wait for the run to end")
+    submit.add_argument(
+        "--timeout", type=_positive_float, default=60.0, help="seconds to --wait (default 60)"
+    )
+    submit.add_argument("--json", action="store_true", help="print JSON")
+    submit.set_defaults(handler=cmd_goal_submit)
+
+    runs_cmd = commands.add_parser("runs", parents=[common], help="list recent runs")
+    runs_cmd.add_argument("--tenant", type=_tenant)
+    runs_cmd.add_argument("--status", help="e.g. running, completed, failed, cancelled")
+    runs_cmd.add_argument("--limit", type=_positive_int, default=50)
+    runs_cmd.add_argument("--json", action="store_true", help="print JSON")
+    runs_cmd.set_defaults(handler=cmd_runs)
+
+    run_cmd = commands.add_parser("run", help="one run: show")
+    run_commands = run_cmd.add_subparsers(dest="run_command", required=True, metavar="COMMAND")
+    show = run_commands.add_parser(
+        "show", parents=[common], help="a run's timeline: steps, durations, cents"
+    )
+    show.add_argument("run_id", type=_run_id, metavar="RUN_ID")
+    show.add_argument("--tenant", type=_tenant, help="only if the run belongs to this tenant")
+    show.add_argument("--json", action="store_true", help="the run, steps and events as JSON")
+    show.set_defaults(handler=cmd_run_show)
+
+    stubs_cmd = commands.add_parser(
+        "stubs", parents=[common], help="which backends are stubs right now"
+    )
+    stubs_cmd.add_argument("--json", action="store_true", help="print JSON")
+    stubs_cmd.set_defaults(handler=stubs.run_stubs)
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_goal_submit(args: argparse.Namespace) -> int:
+    config = load_config(args.data_dir)
+    goal = build_goal(
+        args.text,
+        tenant=args.tenant,
+        budget_cents=args.budget_cents,
+        inputs=args.input_json,
+        idempotency_key=args.idempotency_key,
+    )
+    submission = asyncio.run(
+        submit_goal(
+            config.require_nats(), config.namespace, goal, wait=args.wait, wait_s=args.timeout
+        )
+    )
+    if submission.terminal is None:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "run_id": str(goal.run_id),
+                        "tenant": goal.tenant,
+                        "event_id": str(goal.event_id),
+                        "duplicate": submission.duplicate,
+                    }
+                )
+            )
+        else:
+            print(goal.run_id)
+            if submission.duplicate:
+                print("(already submitted with this idempotency key)", file=sys.stderr)
+        return EXIT_OK
+    terminal = submission.terminal
+    if args.json:
+        print(terminal.model_dump_json())
+    else:
+        print(describe_terminal(terminal))
+    return EXIT_OK if isinstance(terminal, RunCompleted) else EXIT_RUN_NOT_COMPLETED
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    tracer = load_config(args.data_dir).require_tracer()
+    runs = list_runs(tracer, tenant=args.tenant, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps({"runs": runs}))
+        return EXIT_OK
+    if not runs:
+        print("no runs")
+        return EXIT_OK
+    print(runs_table(runs))
+    return EXIT_OK
+
+
+def cmd_run_show(args: argparse.Namespace) -> int:
+    tracer = load_config(args.data_dir).require_tracer()
+    if args.json:
+        print(json.dumps(get_run(tracer, args.run_id, args.tenant)))
+    else:
+        print(get_timeline(tracer, args.run_id, args.tenant).rstrip("\n"))
+    return EXIT_OK
+
+
+# --- entry point ------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UserError as exc:
+        print(f"aos: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("aos: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("AOS_DEBUG"):
+            raise
+        print(
+            f"aos: error: unexpected {type(exc).__name__}: {exc} (AOS_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

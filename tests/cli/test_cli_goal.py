@@ -1,0 +1,31 @@
+"""The goal the CLI publishes: what a resubmission with the same idempotency key shares."""
+
+from __future__ import annotations
+
+from aos_cli.client import build_goal, redact
+from aos_contracts.codec import HEADER_MSG_ID, event_headers
+
+
+def test_same_key_and_tenant_is_the_same_run_and_message_id() -> None:
+    first = build_goal("bench 2", tenant="acme", budget_cents=5, idempotency_key="order-1")
+    again = build_goal("bench 2", tenant="acme", budget_cents=5, idempotency_key="order-1")
+    assert first.run_id == again.run_id
+    assert event_headers(first)[HEADER_MSG_ID] == event_headers(again)[HEADER_MSG_ID]
+
+
+def test_the_key_is_scoped_to_the_tenant() -> None:
+    acme = build_goal("bench 2", tenant="acme", budget_cents=5, idempotency_key="order-1")
+    other = build_goal("bench 2", tenant="other", budget_cents=5, idempotency_key="order-1")
+    assert acme.run_id != other.run_id
+
+
+def test_without_a_key_every_submission_is_a_new_run() -> None:
+    first = build_goal("bench 2", tenant="acme", budget_cents=5)
+    again = build_goal("bench 2", tenant="acme", budget_cents=5)
+    assert first.run_id != again.run_id
+    assert first.event_id != again.event_id
+
+
+def test_redact_hides_only_the_password() -> None:
+    assert redact("nats://me:pw@host:4222") == "nats://me:***@host:4222"
+    assert redact("nats://host:4222") == "nats://host:4222"

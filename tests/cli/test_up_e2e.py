@@ -1,0 +1,214 @@
+"""End to end, as a user runs it: `aos up`, a goal through `aos goal submit --wait --json`,
+its trace through `aos run show`, then Ctrl-C stops everything `aos up` started."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+import redis
+
+from aos_cli.embedded import InfraUrls
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+CONFIG_VARS = ("AOS_NATS_URL", "AOS_NAMESPACE", "AOS_TRACER_URL")
+TEXT = (
+    "The release adds budgets per run, a tracer with a readable timeline and a CLI. "
+    "It fixes nothing because nothing was broken yet."
+)
+
+
+class AosUp:
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.log = data_dir.parent / "aos-up.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "aos_cli", "up", "--no-demo", "--data-dir", str(data_dir)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_state(self, timeout: float = 180.0) -> dict[str, Any]:
+        state_file = self.data_dir / "state.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"aos up exited early:\n{self.output()}"
+            if state_file.exists():
+                return dict(json.loads(state_file.read_text()))
+            time.sleep(0.2)
+        raise AssertionError(f"no state.json after {timeout}s:\n{self.output()}")
+
+    def aos(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aos_cli", *args, "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def aos_up(tmp_path: Path) -> Iterator[AosUp]:
+    env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    external = InfraUrls.from_env(env)
+    namespace = "aos"
+    if external is not None:
+        # Shared external servers: a namespace of our own keeps streams, keys and
+        # databases apart from anyone else's.
+        namespace = env["AOS_NAMESPACE"] = f"e2e{uuid.uuid4().hex[:10]}"
+    up = AosUp(tmp_path / "aos", env)
+    try:
+        yield up
+    finally:
+        if up.proc.poll() is None:
+            up.proc.send_signal(signal.SIGINT)
+            try:
+                up.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                up.proc.kill()
+        if external is not None:
+            asyncio.run(_clean_external(external, namespace))
+
+
+async def _clean_external(urls: InfraUrls, namespace: str) -> None:
+    """Leave nothing of this test on servers that outlive it."""
+    admin = await asyncpg.connect(urls.postgres_url)
+    try:
+        for owner in ("executor", "tracer"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{namespace}_{owner}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    nc = await nats.connect(urls.nats_url)
+    try:
+        js = nc.jetstream()
+        for stream in await js.streams_info():
+            if stream.config.name and stream.config.name.startswith(f"{namespace.upper()}_"):
+                await js.delete_stream(stream.config.name)
+    finally:
+        await nc.close()
+    client = redis.Redis.from_url(urls.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_goal_through_aos_up(aos_up: AosUp) -> None:
+    state = aos_up.wait_for_state()
+    assert set(state["services"]) == {"planner", "executor", "ledger", "tracer"}
+
+    submitted = aos_up.aos(
+        "goal", "submit", "summarize the release notes",
+        "--tenant", "e2e",
+        "--budget-cents", "100",
+        "--input-json", json.dumps({"text": TEXT}),
+        "--wait", "--json",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    lines = submitted.stdout.strip().splitlines()
+    assert len(lines) == 1, submitted.stdout
+    terminal = json.loads(lines[0])
+    assert terminal["type"] == "run.completed"
+    assert terminal["tenant"] == "e2e"
+    run_id = terminal["run_id"]
+
+    # The tracer records events as they arrive; it may be a moment behind the CLI.
+    deadline = time.monotonic() + 60
+    while True:
+        shown = aos_up.aos("run", "show", run_id)
+        if shown.returncode == 0 and "completed" in shown.stdout and "summary" in shown.stdout:
+            break
+        assert time.monotonic() < deadline, f"{shown.stdout}\n{shown.stderr}"
+        time.sleep(0.5)
+    assert "json_transform" in shown.stdout
+    assert "llm_invoke" in shown.stdout
+
+    listed = aos_up.aos("runs", "--tenant", "e2e", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert run_id in {run["run_id"] for run in json.loads(listed.stdout)["runs"]}
+
+    unknown = aos_up.aos("run", "show", str(uuid.uuid4()))
+    assert unknown.returncode != 0
+    assert unknown.stderr.strip().startswith("aos: error: unknown run")
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+    # A goal no planner rule understands ends in run.failed: exit 1, still one JSON object.
+    failed = aos_up.aos(
+        "goal", "submit", "paint the fence",
+        "--tenant", "e2e", "--budget-cents", "5", "--wait", "--json",
+    )  # fmt: skip
+    assert failed.returncode == 1, failed.stderr
+    assert json.loads(failed.stdout)["type"] == "run.failed"
+
+    # The same idempotency key twice is one run; the second --wait finds its end in the log.
+    first = aos_up.aos(
+        "goal", "submit", "bench 3", "--tenant", "e2e", "--budget-cents", "5",
+        "--idempotency-key", "order-17", "--wait", "--json",
+    )  # fmt: skip
+    again = aos_up.aos(
+        "goal", "submit", "bench 3", "--tenant", "e2e", "--budget-cents", "5",
+        "--idempotency-key", "order-17", "--wait", "--json",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert json.loads(first.stdout)["run_id"] == json.loads(again.stdout)["run_id"]
+    assert json.loads(first.stdout)["event_id"] == json.loads(again.stdout)["event_id"]
+
+    started = descendants(aos_up.proc.pid)
+    assert len(started) >= 4  # at least the four services
+    aos_up.proc.send_signal(signal.SIGINT)
+    assert aos_up.proc.wait(120) == 0, aos_up.output()
+    left = sorted(pid for pid in started if alive(pid))
+    assert left == [], f"still running after aos up stopped: {left}"
+    assert not (aos_up.data_dir / "state.json").exists()
