@@ -42,6 +42,9 @@ class ServiceProcess:
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         env = {
             **os.environ,
+            # A killed consumer's unacknowledged batch comes back after this long; tests
+            # that kill services should not wait the production default of 30 s.
+            "AOS_ACK_WAIT_S": "5",
             **self.env,
             "AOS_HTTP_HOST": "127.0.0.1",
             "AOS_HTTP_PORT": str(self.port),

@@ -217,7 +217,7 @@ class EventBus:
         *,
         batch_size: int = 256,
         start_after_seq: int | None = None,
-        park_after_deliveries: int = 5,
+        park_after_deliveries: int = 10,
     ) -> LogConsumer:
         return LogConsumer(
             self,
@@ -252,10 +252,11 @@ class LogConsumer:
     handler: BatchHandler
     batch_size: int = 256
     start_after_seq: int | None = None
-    park_after_deliveries: int = 5
+    park_after_deliveries: int = 10
     _sub: JetStreamContext.PullSubscription | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _running: bool = field(default=False, init=False)
+    _fetching: bool = field(default=False, init=False)
     last_batch_at: float = field(default=0.0, init=False)
 
     @property
@@ -309,9 +310,12 @@ class LogConsumer:
         """Stop fetching; the batch in hand is finished (and acked) first."""
         self._running = False
         if self._task is not None:
+            if self._fetching:
+                # Waiting for messages, holding none: nothing to finish.
+                self._task.cancel()
             try:
                 await asyncio.wait_for(self._task, timeout=10.0)
-            except TimeoutError:
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
         if self._sub is not None:
             with contextlib.suppress(Exception):  # best effort on shutdown
@@ -321,6 +325,7 @@ class LogConsumer:
         assert self._sub is not None
         while self._running:
             self.last_batch_at = time.monotonic()
+            self._fetching = True
             try:
                 msgs = await self._sub.fetch(self.batch_size, timeout=1.0)
             except TimeoutError:  # nats-py raises both its own and asyncio's
@@ -332,6 +337,8 @@ class LogConsumer:
                 log.exception("%s: fetch failed", self.durable)
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                self._fetching = False
             try:
                 await self.process(msgs)
             except Exception:  # a failing batch is redelivered, not fatal
@@ -369,6 +376,8 @@ class LogConsumer:
                 )
                 await delivery.msg.ack()
             else:
+                # 0.1 s doubling to 5 s: with 10 deliveries, about 20 s before a message is
+                # parked, long enough to ride out a store restart.
                 await _safe_nak(delivery.msg, delay=min(0.05 * 2**delivery.num_delivered, 5.0))
 
 
@@ -378,7 +387,7 @@ async def _safe_nak(msg: Msg, delay: float) -> None:
         await msg.nak(delay=delay)
 
 
-def per_run(handle: EventHandler, *, park_after_deliveries: int = 5) -> BatchHandler:
+def per_run(handle: EventHandler, *, park_after_deliveries: int = 10) -> BatchHandler:
     """Adapt a one-event handler to a batch: runs are handled concurrently, the events of
     one run strictly in log order.
 

@@ -1,0 +1,399 @@
+"""The ledger service: budgets per run, in integer cents.
+
+In: goal.submitted (opens the run's budget), budget.reservation_requested (reserve or
+deny), step.succeeded / step.failed (commit the actual cost, release the rest of the
+reservation), run.completed / run.failed / run.cancelled (release what is still held).
+Out: budget.opened, budget.reserved, budget.denied, budget.committed, budget.released.
+
+Every decision is made and applied to Redis by one Lua script, then published; the
+request is acknowledged only after the publish. A crash in between means the request is
+redelivered, the script finds the decision already made and returns it unchanged, and
+the same event (same id) is published again, which JetStream drops as a duplicate.
+
+Event ids derive from the run and the reservation, not from the message that caused
+them: whatever the executor re-sends, a reservation gets one decision, one commit and
+one release in the log at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from aiohttp import web
+from nats.js.errors import NotFoundError
+from redis.asyncio import Redis
+
+from aos_contracts.codec import EventDecodeError, decode_event
+from aos_contracts.events import (
+    BudgetCommitted,
+    BudgetDenied,
+    BudgetOpened,
+    BudgetReleased,
+    BudgetReservationRequested,
+    BudgetReserved,
+    EventEnvelope,
+    GoalSubmitted,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    StepFailed,
+    StepSucceeded,
+    derive_event_id,
+)
+from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.subjects import goal_subject
+from aos_ledger.settings import LedgerSettings
+from aos_ledger.store import BudgetNotOpen, BudgetStore, Reservation, StoreNotRebuilt
+from aos_plumbing import metrics
+from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
+from aos_plumbing.http import ServiceHttp
+
+log = logging.getLogger(__name__)
+
+BUDGET_CENTS = metrics.counter(
+    "aos_budget_cents_total", "cents reserved, committed, denied or released", ("kind",)
+)
+BUDGET_DECISIONS = metrics.counter(
+    "aos_budget_decisions_total", "reservation decisions", ("outcome",)
+)
+
+E = TypeVar("E", bound=EventEnvelope)
+T = TypeVar("T")
+
+REPLAY_BATCH = 500
+
+
+class LedgerService:
+    name = "ledger"
+
+    def __init__(self, settings: LedgerSettings) -> None:
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        self.store = BudgetStore(self.redis, settings.namespace)
+        self.bus: EventBus | None = None
+        self.consumers: list[LogConsumer] = []
+        self._rebuild_lock = asyncio.Lock()
+        self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
+        self.http.backends = {"budget_store": "redis"}
+        self.http.app.router.add_get("/budgets/runs/{run_id}", self._get_budget)
+
+    async def start(self) -> None:
+        self.bus = await EventBus.connect(
+            self.settings.nats_url,
+            self.settings.namespace,
+            self.name,
+            ack_wait_s=self.settings.ack_wait_s,
+        )
+        await self.bus.ensure_streams()
+        await self.rebuild()
+        batch = self.settings.consumer_batch
+        self.consumers = [
+            self.bus.consumer("goals", self.name, per_run(self.handle_goal), batch_size=batch),
+            self.bus.consumer("runs", self.name, per_run(self.handle_run), batch_size=batch),
+        ]
+        for consumer in self.consumers:
+            await consumer.start()
+        bus = self.bus
+        self.http.add_check("nats", lambda: _true(bus.connected))
+        self.http.add_check("redis", self.store.ping)
+        await self.http.start()
+
+    async def stop(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop()
+        await self.http.stop()
+        if self.bus:
+            await self.bus.close()
+        await self.redis.aclose()
+
+    # --- rebuilding from the log --------------------------------------------------------
+
+    async def rebuild(self) -> None:
+        """Bring Redis up to the end of the budget stream.
+
+        Without the marker (Redis new or wiped) that is a replay from the first event;
+        with it, a catch-up from the marker, which costs nothing when Redis is current and
+        repairs a Redis restored from an older snapshot. Applying is idempotent, so
+        replicas rebuilding at once, or events already applied, do no harm."""
+        assert self.bus is not None
+        async with self._rebuild_lock:
+            marker = await self.store.applied_through()
+            start = 1 if marker is None else marker + 1
+            last, changed, pending = start - 1, 0, []
+            async for seq, msg in self.bus.replay("budget", start_seq=start):
+                last = seq
+                try:
+                    pending.append(decode_event(msg.data))
+                except EventDecodeError:
+                    continue  # not ours to fix: the live consumers park what cannot decode
+                if len(pending) >= REPLAY_BATCH:
+                    changed += await self.store.replay(pending)
+                    pending = []
+            changed += await self.store.replay(pending)
+            await self.store.mark_rebuilt(last)
+            log.info(
+                "budget store %s: applied %d events from seq %d to %d (%d changed it)",
+                "rebuilt" if marker is None else "caught up",
+                last - start + 1,
+                start,
+                last,
+                changed,
+            )
+
+    async def _decide(self, cause: EventEnvelope, decision: Callable[[], Awaitable[T]]) -> T:
+        """Run a store decision, first repairing what would make it unsafe or premature."""
+        try:
+            return await decision()
+        except StoreNotRebuilt:
+            # Redis lost its state under a running ledger: deciding now could grant money
+            # the log says is spent, so rebuild first.
+            log.warning("budget store has no marker (wiped?): rebuilding from the log")
+            await self.rebuild()
+        except BudgetNotOpen:
+            await self._open_from_goal_log(cause)
+        return await decision()
+
+    async def _open_from_goal_log(self, cause: EventEnvelope) -> None:
+        """Open a run's budget from its goal in the goals stream.
+
+        A reservation request can reach the ledger before the goal does (the goals
+        consumer lags, or is stuck behind a long batch). Denying would fail a step that
+        was within budget, and redelivery with backoff gives up after a few tries, so
+        the ledger reads the goal itself: the first goal.submitted on the run's subject is
+        the one the goals consumer will also find, so both open the same cap. With no goal
+        in the log this raises BudgetNotOpen and the request is retried, then parked."""
+        assert self.bus is not None
+        stream = self.bus.stream("goals")
+        subject = goal_subject(cause.tenant, cause.run_id, self.bus.namespace)
+        seq = 1
+        while True:
+            try:
+                raw = await self.bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError as exc:
+                raise BudgetNotOpen(f"run {cause.run_id}: no goal.submitted in the log") from exc
+            try:
+                event = decode_event(raw.data or b"")
+            except EventDecodeError:
+                event = None
+            if isinstance(event, GoalSubmitted):
+                log.info(
+                    "run %s: budget opened from the goals stream ahead of its consumer",
+                    cause.run_id,
+                )
+                await self.open_budget(event)
+                return
+            seq = (raw.seq or seq) + 1
+
+    # --- handlers -----------------------------------------------------------------------
+
+    async def handle_goal(self, delivery: Delivery) -> None:
+        if isinstance(delivery.event, GoalSubmitted):
+            await self.open_budget(delivery.event)
+
+    async def handle_run(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if isinstance(event, BudgetReservationRequested):
+            await self.decide_reservation(event)
+        elif isinstance(event, StepSucceeded | StepFailed):
+            await self.commit(event)
+        elif isinstance(event, RunCompleted | RunFailed | RunCancelled):
+            await self.release_all(event)
+
+    async def open_budget(self, goal: GoalSubmitted) -> None:
+        budget = await self._decide(
+            goal, lambda: self.store.open_budget(goal.run_id, goal.tenant, goal.budget_cents)
+        )
+        if budget.tenant != goal.tenant:
+            # Another tenant's goal naming this run id: it must neither see nor change
+            # the budget, so it gets no answer at all.
+            log.warning(
+                "run %s belongs to another tenant; goal from %r ignored", goal.run_id, goal.tenant
+            )
+            return
+        await self._publish([opened_event(goal, budget.cap_cents)])
+
+    async def decide_reservation(self, request: BudgetReservationRequested) -> None:
+        change = await self._decide(
+            request,
+            lambda: self.store.reserve(
+                request.run_id,
+                request.reservation_id,
+                request.step_id,
+                request.attempt,
+                request.amount_cents,
+                request.event_id,
+            ),
+        )
+        record = change.reservation
+        if record.decision is None:
+            log.warning(
+                "reservation %s was requested after its step was committed; nothing to decide",
+                record.reservation_id,
+            )
+            return
+        await self._publish([decision_event(request, record)])
+        if change.is_new:
+            BUDGET_DECISIONS.labels(record.decision).inc()
+            BUDGET_CENTS.labels(record.decision).inc(record.amount_cents)
+
+    async def commit(self, step: StepSucceeded | StepFailed) -> None:
+        change = await self._decide(
+            step,
+            lambda: self.store.commit(
+                step.run_id, step.reservation_id, step.step_id, step.cost_cents
+            ),
+        )
+        if change is None:
+            return
+        record = change.reservation
+        committed = committed_event(step, record)
+        await self._publish([*_decision_first(step, record), committed])
+        if change.is_new:
+            BUDGET_CENTS.labels("committed").inc(committed.committed_cents)
+            BUDGET_CENTS.labels("released").inc(committed.released_cents)
+
+    async def release_all(self, terminal: RunCompleted | RunFailed | RunCancelled) -> None:
+        changes = await self._decide(
+            terminal, lambda: self.store.release_all(terminal.run_id, terminal.type)
+        )
+        events: list[EventEnvelope] = []
+        for change in changes:
+            events += _decision_first(terminal, change.reservation)
+            events.append(released_event(terminal, change.reservation))
+        await self._publish(events)
+        for change in changes:
+            if change.is_new:
+                BUDGET_CENTS.labels("released").inc(change.reservation.released_cents or 0)
+
+    async def _publish(self, events: Sequence[EventEnvelope]) -> None:
+        assert self.bus is not None
+        acks = await self.bus.publish_all(events)
+        if acks:
+            await self.store.mark_published(max(ack.seq for ack in acks))
+
+    # --- http ---------------------------------------------------------------------------
+
+    async def _get_budget(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        balances = await self.store.balances(run_id)
+        if balances is None:
+            return web.json_response({"error": f"no budget for run {run_id}"}, status=404)
+        return web.json_response(
+            {
+                "run_id": run_id,
+                "cap_cents": balances.cap_cents,
+                "reserved_cents": balances.reserved_cents,
+                "committed_cents": balances.committed_cents,
+                "remaining_cents": balances.remaining_cents,
+            }
+        )
+
+
+# --- the events the ledger publishes ------------------------------------------------------
+
+
+def opened_event(goal: GoalSubmitted, cap_cents: int) -> BudgetOpened:
+    return _answer(goal, BudgetOpened, str(goal.run_id), "budget.opened", cap_cents=cap_cents)
+
+
+def decision_event(source: EventEnvelope, record: Reservation) -> BudgetReserved | BudgetDenied:
+    """The decision `record` holds, as an event. The same record gives the same event
+    (same id, same cause: the request it answered) whichever event of the run it is
+    published for: the request, or a step or run end that republishes it."""
+    attempt = record.attempt if record.attempt is not None else 0
+    remaining = record.remaining_cents or 0
+    fields: dict[str, Any] = {
+        "reservation_id": uuid.UUID(record.reservation_id),
+        "step_id": record.step_id,
+        "attempt": attempt,
+        "amount_cents": record.amount_cents,
+        "remaining_cents": remaining,
+    }
+    key = _reservation_key(source.run_id, record.reservation_id)
+    cause = uuid.UUID(record.decided_for) if record.decided_for else source.event_id
+    if record.decision == "reserved":
+        return _answer(source, BudgetReserved, key, "budget.decision", cause, **fields)
+    if record.denial_code == FailureCode.CANCELLED:
+        error = Failure.of(
+            FailureCode.CANCELLED,
+            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
+            "cents after its run had ended",
+        )
+    else:
+        error = Failure.of(
+            FailureCode.BUDGET_EXCEEDED,
+            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
+            f"cents but the run has only {remaining} cents left of its budget",
+        )
+    return _answer(source, BudgetDenied, key, "budget.decision", cause, error=error, **fields)
+
+
+def committed_event(step: StepSucceeded | StepFailed, record: Reservation) -> BudgetCommitted:
+    return _answer(
+        step,
+        BudgetCommitted,
+        _reservation_key(step.run_id, record.reservation_id),
+        "budget.committed",
+        reservation_id=uuid.UUID(record.reservation_id),
+        step_id=record.step_id,
+        reserved_cents=record.amount_cents,
+        committed_cents=record.committed_cents or 0,
+        released_cents=record.released_cents or 0,
+    )
+
+
+def released_event(
+    terminal: RunCompleted | RunFailed | RunCancelled, record: Reservation
+) -> BudgetReleased:
+    return _answer(
+        terminal,
+        BudgetReleased,
+        _reservation_key(terminal.run_id, record.reservation_id),
+        "budget.released",
+        reservation_id=uuid.UUID(record.reservation_id),
+        step_id=record.step_id,
+        released_cents=record.released_cents or 0,
+        reason=record.reason or terminal.type,
+    )
+
+
+def _reservation_key(run_id: uuid.UUID, reservation_id: str) -> str:
+    # Reservation ids are chosen by the executor; scoping them by run keeps one run's
+    # ids from ever colliding with another's.
+    return f"{run_id}/{reservation_id}"
+
+
+def _decision_first(source: EventEnvelope, record: Reservation) -> list[EventEnvelope]:
+    """The reservation's decision, to publish again just before a commit or release of it.
+
+    A ledger that crashed between deciding and publishing publishes the decision when the
+    request is redelivered - possibly after the run's end has released the reservation.
+    Republishing the decision first keeps every consequence behind its cause in the log
+    (a replay then sees them in that order); when the decision is already there, JetStream
+    drops the copy as a duplicate (same id)."""
+    return [decision_event(source, record)] if record.decision else []
+
+
+def _answer(
+    source: EventEnvelope,
+    cls: type[E],
+    key: str,
+    purpose: str,
+    cause: uuid.UUID | None = None,
+    **fields: Any,
+) -> E:
+    """The event `source` leads to, with an id that depends on what it is about (`key`)
+    rather than on which message asked."""
+    event = source.caused(cls, purpose, **fields)
+    update: dict[str, Any] = {"event_id": derive_event_id(key, purpose)}
+    if cause is not None:
+        update["causation_id"] = cause
+    return event.model_copy(update=update)
+
+
+async def _true(value: bool) -> bool:
+    return value
