@@ -92,8 +92,15 @@ class LedgerService:
         await self.rebuild()
         batch = self.settings.consumer_batch
         self.consumers = [
-            self.bus.consumer("goals", self.name, per_run(self.handle_goal), batch_size=batch),
-            self.bus.consumer("runs", self.name, per_run(self.handle_run), batch_size=batch),
+            self.bus.consumer(
+                "goals",
+                self.name,
+                per_run(self.handle_goal, publish=self._publish),
+                batch_size=batch,
+            ),
+            self.bus.consumer(
+                "runs", self.name, per_run(self.handle_run, publish=self._publish), batch_size=batch
+            ),
         ]
         for consumer in self.consumers:
             await consumer.start()
@@ -184,26 +191,33 @@ class LedgerService:
                     "run %s: budget opened from the goals stream ahead of its consumer",
                     cause.run_id,
                 )
-                await self.open_budget(event)
+                # Published here, not returned: the request that led here is decided
+                # next, against the budget this opens.
+                await self._publish(await self.open_budget(event))
                 return
             seq = (raw.seq or seq) + 1
 
     # --- handlers -----------------------------------------------------------------------
 
-    async def handle_goal(self, delivery: Delivery) -> None:
-        if isinstance(delivery.event, GoalSubmitted):
-            await self.open_budget(delivery.event)
+    # Handlers decide and apply in Redis, and return the events to publish: per_run
+    # publishes what one run's events in a batch produced in one round trip, then acks.
 
-    async def handle_run(self, delivery: Delivery) -> None:
+    async def handle_goal(self, delivery: Delivery) -> list[EventEnvelope]:
+        if isinstance(delivery.event, GoalSubmitted):
+            return await self.open_budget(delivery.event)
+        return []
+
+    async def handle_run(self, delivery: Delivery) -> list[EventEnvelope]:
         event = delivery.event
         if isinstance(event, BudgetReservationRequested):
-            await self.decide_reservation(event)
-        elif isinstance(event, StepSucceeded | StepFailed):
-            await self.commit(event)
-        elif isinstance(event, RunCompleted | RunFailed | RunCancelled):
-            await self.release_all(event)
+            return await self.decide_reservation(event)
+        if isinstance(event, StepSucceeded | StepFailed):
+            return await self.commit(event)
+        if isinstance(event, RunCompleted | RunFailed | RunCancelled):
+            return await self.release_all(event)
+        return []
 
-    async def open_budget(self, goal: GoalSubmitted) -> None:
+    async def open_budget(self, goal: GoalSubmitted) -> list[EventEnvelope]:
         budget = await self._decide(
             goal, lambda: self.store.open_budget(goal.run_id, goal.tenant, goal.budget_cents)
         )
@@ -213,10 +227,10 @@ class LedgerService:
             log.warning(
                 "run %s belongs to another tenant; goal from %r ignored", goal.run_id, goal.tenant
             )
-            return
-        await self._publish([opened_event(goal, budget.cap_cents)])
+            return []
+        return [opened_event(goal, budget.cap_cents)]
 
-    async def decide_reservation(self, request: BudgetReservationRequested) -> None:
+    async def decide_reservation(self, request: BudgetReservationRequested) -> list[EventEnvelope]:
         change = await self._decide(
             request,
             lambda: self.store.reserve(
@@ -234,13 +248,13 @@ class LedgerService:
                 "reservation %s was requested after its step was committed; nothing to decide",
                 record.reservation_id,
             )
-            return
-        await self._publish([decision_event(request, record)])
+            return []
         if change.is_new:
             BUDGET_DECISIONS.labels(record.decision).inc()
             BUDGET_CENTS.labels(record.decision).inc(record.amount_cents)
+        return [decision_event(request, record)]
 
-    async def commit(self, step: StepSucceeded | StepFailed) -> None:
+    async def commit(self, step: StepSucceeded | StepFailed) -> list[EventEnvelope]:
         change = await self._decide(
             step,
             lambda: self.store.commit(
@@ -248,15 +262,17 @@ class LedgerService:
             ),
         )
         if change is None:
-            return
+            return []
         record = change.reservation
         committed = committed_event(step, record)
-        await self._publish([*_decision_first(step, record), committed])
         if change.is_new:
             BUDGET_CENTS.labels("committed").inc(committed.committed_cents)
             BUDGET_CENTS.labels("released").inc(committed.released_cents)
+        return [*_decision_first(step, record), committed]
 
-    async def release_all(self, terminal: RunCompleted | RunFailed | RunCancelled) -> None:
+    async def release_all(
+        self, terminal: RunCompleted | RunFailed | RunCancelled
+    ) -> list[EventEnvelope]:
         changes = await self._decide(
             terminal, lambda: self.store.release_all(terminal.run_id, terminal.type)
         )
@@ -264,10 +280,10 @@ class LedgerService:
         for change in changes:
             events += _decision_first(terminal, change.reservation)
             events.append(released_event(terminal, change.reservation))
-        await self._publish(events)
         for change in changes:
             if change.is_new:
                 BUDGET_CENTS.labels("released").inc(change.reservation.released_cents or 0)
+        return events
 
     async def _publish(self, events: Sequence[EventEnvelope]) -> None:
         assert self.bus is not None
