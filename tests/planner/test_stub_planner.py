@@ -32,6 +32,10 @@ def test_the_same_goal_gives_a_byte_identical_plan() -> None:
     [
         ("bench 3", ["json_transform"] * 3),
         ("please fetch https://example.com/a.json now", ["http_call", "json_transform"]),
+        (
+            "fetch https://example.com/notes and summarize them",
+            ["http_call", "json_transform", "llm_invoke"],
+        ),
         ("Summarise the release notes", ["json_transform", "llm_invoke"]),
     ],
 )

@@ -3,8 +3,10 @@
 Rules, tried in order (the first that matches wins):
 
 1. `bench <N>` -> N chained json_transform steps over the goal's inputs (benchmarks).
-2. `fetch <url> ...` -> http_call GET <url>, then json_transform extract of the body.
-3. `summari[sz]e ...` -> json_transform extract of `inputs.text`, then llm_invoke asking
+2. `fetch <url> ... summari[sz]e` -> http_call GET <url>, json_transform extract of the
+   body, then llm_invoke asking for a summary of it.
+3. `fetch <url> ...` -> http_call GET <url>, then json_transform extract of the body.
+4. `summari[sz]e ...` -> json_transform extract of `inputs.text`, then llm_invoke asking
    for a summary of it.
 
 A goal no rule matches is rejected, with the rules listed in the reason.
@@ -65,6 +67,25 @@ def _fetch(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
     )
 
 
+def _fetch_and_summarise(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    fetched = _fetch(match, inputs)
+    return Plan(
+        steps=[
+            *fetched.steps,
+            PlanStep(
+                id="summary",
+                skill="llm_invoke",
+                params={
+                    "prompt": "Summarise in three sentences:\n\n${steps.body.output}",
+                    "max_tokens": 300,
+                },
+                depends_on=["body"],
+            ),
+        ],
+        rationale=f"{fetched.rationale}, then ask the model for a summary",
+    )
+
+
 def _summarise(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
     return Plan(
         steps=[
@@ -89,6 +110,11 @@ def _summarise(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
 
 RULES: list[Rule] = [
     ("bench <N>", re.compile(r"^\s*bench\s+(\d{1,4})\b", re.IGNORECASE), _bench),
+    (
+        "fetch <url> ... summarize",
+        re.compile(r"\bfetch\s+(https?://\S+).*\bsummari[sz]e\b", re.IGNORECASE | re.DOTALL),
+        _fetch_and_summarise,
+    ),
     ("fetch <url>", re.compile(r"\bfetch\s+(https?://\S+)", re.IGNORECASE), _fetch),
     ("summarise|summarize", re.compile(r"\bsummari[sz]e\b", re.IGNORECASE), _summarise),
 ]
