@@ -250,6 +250,24 @@ def get_timeline(tracer_url: str, run_id: uuid.UUID, tenant: str | None = None) 
     return response.text
 
 
+def replay_run(executor_url: str, events: list[Any]) -> dict[str, Any]:
+    """Ask the executor to re-drive a recorded run (pure: it calls and charges nothing)."""
+    try:
+        response = httpx.post(f"{executor_url}/replay", json={"events": events}, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the executor at {executor_url}: is AOS running?") from exc
+    body = (
+        response.json()
+        if response.headers.get("content-type", "").startswith("application/json")
+        else {}
+    )
+    if response.status_code != 200:
+        raise UserError(
+            f"the executor could not replay the run: {body.get('error', response.text)}"
+        )
+    return dict(body)
+
+
 def run_recorded_as_finished(run: dict[str, Any]) -> bool:
     """Whether the tracer has stored the run's terminal event yet."""
     events = run.get("events") or []

@@ -28,6 +28,7 @@ from aos_cli.client import (
     get_run,
     get_timeline,
     list_runs,
+    replay_run,
     submit_goal,
 )
 from aos_cli.config import DEFAULT_DATA_DIR, UserError, load_config
@@ -166,6 +167,15 @@ def build_parser() -> ArgumentParser:
     show.add_argument("--json", action="store_true", help="the run, steps and events as JSON")
     show.set_defaults(handler=cmd_run_show)
 
+    replay_cmd = commands.add_parser(
+        "replay",
+        parents=[common],
+        help="re-drive a recorded run offline and report decisions that differ",
+    )
+    replay_cmd.add_argument("run_id", type=_run_id, metavar="RUN_ID")
+    replay_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay_cmd.set_defaults(handler=cmd_replay)
+
     stubs_cmd = commands.add_parser(
         "stubs", parents=[common], help="which backends are stubs right now"
     )
@@ -236,6 +246,25 @@ def cmd_run_show(args: argparse.Namespace) -> int:
     else:
         print(get_timeline(tracer, args.run_id, args.tenant).rstrip("\n"))
     return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Exit 0 when every decision replays the same, 1 when one differs."""
+    config = load_config(args.data_dir)
+    run = get_run(config.require_tracer(), args.run_id)
+    executor = config.service_urls.get("executor")
+    if not executor:
+        raise UserError("no executor URL: is AOS running? (set AOS_EXECUTOR_URL or `aos up`)")
+    report = replay_run(executor, [item["event"] for item in run.get("events", [])])
+    if args.json:
+        print(json.dumps(report))
+    else:
+        verdict = "same decisions" if report["identical"] else "DIFFERENT decisions"
+        print(f"replay of {report['run_id']}: {verdict} ({report['decisions']} decisions)")
+        print(f"  recorded end: {report['recorded_end']}; replayed end: {report['replayed_end']}")
+        for difference in report["differences"]:
+            print(f"  - {difference}")
+    return EXIT_OK if report["identical"] else EXIT_RUN_NOT_COMPLETED
 
 
 # --- entry point ------------------------------------------------------------------------

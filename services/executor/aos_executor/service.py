@@ -19,14 +19,17 @@ replica runs at a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from aiohttp import web
 from pydantic import ValidationError
 
+from aos_contracts.codec import decode_event
 from aos_contracts.events import (
     AnyEvent,
     BudgetDenied,
@@ -42,6 +45,7 @@ from aos_contracts.events import (
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.skills import SideEffect
 from aos_executor.references import UnresolvedReference, resolve
+from aos_executor.replay import replay
 from aos_executor.runs import RunState, StepState, StepStatus
 from aos_executor.settings import ExecutorSettings
 from aos_executor.skills import Skill, SkillError, SkillResult, default_registry
@@ -83,6 +87,9 @@ class ExecutorService:
         self.consumers: list[LogConsumer] = []
         self.running = False
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
+        # Replay is pure (recorded decisions and outputs in, differences out): it needs
+        # none of this executor's state, and calls nothing.
+        self.http.app.router.add_post("/replay", _replay_request)
         self.http.backends = {
             f"skill:{name}": "stub" if skill.is_stub else "real"
             for name, skill in self.skills.items()
@@ -320,6 +327,20 @@ class ExecutorService:
                 log.warning("publishing %d events failed; retrying in %.2fs", len(events), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+async def _replay_request(request: web.Request) -> web.Response:
+    """POST /replay {"events": [every event of one run]} -> the replay report."""
+    try:
+        body = await request.json()
+        raw_events = body["events"]
+        if not isinstance(raw_events, list):
+            raise TypeError("events must be a list")
+        events = [decode_event(json.dumps(raw).encode()) for raw in raw_events]
+        report = replay(events)
+    except (ValueError, KeyError, TypeError) as exc:
+        return web.json_response({"error": f"cannot replay: {exc}"}, status=400)
+    return web.json_response(report.as_dict())
 
 
 def _validation_message(step: StepState, exc: ValidationError) -> str:
