@@ -37,7 +37,17 @@ def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> It
     }
     services = System(
         planner=ServiceProcess("planner", {**common, "PLANNER_BACKEND": "stub"}, log_dir),
-        executor=ServiceProcess("executor", {**common, "AOS_RETRY_BACKOFF_S": "0.05"}, log_dir),
+        executor=ServiceProcess(
+            "executor",
+            {
+                **common,
+                "AOS_RETRY_BACKOFF_S": "0.05",
+                # The executor's tables share the test database with the tracer's.
+                "AOS_EXECUTOR_DATABASE_URL": database,
+                "AOS_CHECKPOINT_INTERVAL_S": "1",
+            },
+            log_dir,
+        ),
         ledger=ServiceProcess("ledger", {**common, "REDIS_URL": infra.redis_url}, log_dir),
         tracer=ServiceProcess(
             "tracer",

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -35,15 +35,20 @@ from aos_contracts.events import (
     BudgetDenied,
     BudgetReserved,
     EventEnvelope,
-    PlanCreated,
-    PlanRejected,
-    RunCancelRequested,
     StepFailed,
     StepStarted,
     StepSucceeded,
 )
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.skills import SideEffect
+from aos_executor.checkpoints import (
+    OPENING,
+    Book,
+    CheckpointStore,
+    NoCheckpoints,
+    fold_log,
+    open_store,
+)
 from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
 from aos_executor.runs import RunState, StepState, StepStatus
@@ -68,8 +73,7 @@ RUNS = metrics.counter("aos_runs_total", "finished runs by terminal status", ("s
 ACTIVE_RUNS = metrics.gauge("aos_executor_active_runs", "runs in progress in this executor")
 
 # Events that create a run in the executor's memory; others for an unknown run wait.
-_OPENING = (PlanCreated, PlanRejected, RunCancelRequested)
-_RELEVANT = (*_OPENING, BudgetReserved, BudgetDenied)
+_RELEVANT = (*OPENING, BudgetReserved, BudgetDenied)
 
 
 class ExecutorService:
@@ -78,8 +82,10 @@ class ExecutorService:
     def __init__(self, settings: ExecutorSettings, skills: dict[str, Skill] | None = None) -> None:
         self.settings = settings
         self.skills = skills or default_registry()
-        self.runs: dict[uuid.UUID, RunState] = {}
-        self.finished: set[uuid.UUID] = set()
+        self.book = Book()
+        self.runs, self.finished = self.book.runs, self.book.finished
+        self.checkpoints: CheckpointStore = NoCheckpoints()
+        self.checkpoint_task: asyncio.Task[None] | None = None
         self.locks: dict[uuid.UUID, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.backoffs: set[tuple[uuid.UUID, str]] = set()
@@ -106,6 +112,8 @@ class ExecutorService:
         )
         await self.bus.ensure_streams()
         self.running = True
+        self.checkpoints = await open_store(self.settings.database_url)
+        self.http.backends["checkpoints"] = self.checkpoints.name
         await self.rebuild()
         handler = per_run(self.handle)
         self.consumers = [
@@ -117,6 +125,9 @@ class ExecutorService:
         for state in list(self.runs.values()):
             async with self._lock(state.run_id):
                 await self._drive(state)
+        if not isinstance(self.checkpoints, NoCheckpoints):
+            self.checkpoint_task = asyncio.create_task(self._checkpoint_periodically())
+            self.http.add_check("postgres", self.checkpoints.ping)
         bus = self.bus
         self.http.add_check("nats", lambda: _const(bus.connected))
         await self.http.start()
@@ -129,38 +140,55 @@ class ExecutorService:
             # In-flight steps get a grace period to finish and publish their results;
             # what does not finish is resumed from the log by the next executor.
             await asyncio.wait(self.tasks, timeout=10.0)
+        if self.checkpoint_task:
+            self.checkpoint_task.cancel()
         await self.http.stop()
         if self.bus:
             await self.bus.close()
+        await self.checkpoints.close()
 
     async def rebuild(self) -> None:
-        """Fold the whole log into memory: plans, own events, budget decisions, cancels."""
+        """The last checkpoint, plus every event of the log after it (plans, own events,
+        budget decisions, cancels), folded into memory; then a new checkpoint."""
         assert self.bus is not None
-        count = 0
-        for context in ("plans", "runs", "budget", "goals"):
-            async for event in self.bus.replay_events(context):
-                count += 1
-                self._fold(event)
-        for run_id in [run_id for run_id, state in self.runs.items() if state.terminal]:
-            self._finish(run_id)
-        log.info("executor rebuilt from %d events: %d runs in progress", count, len(self.runs))
+        checkpoint = await self.checkpoints.load()
+        count = await fold_log(checkpoint, self._read_log)
+        # Taken before any live event is handled, this state is exactly a fold of the
+        # log up to checkpoint.seqs: safe to save as the next checkpoint.
+        await self.checkpoints.save(checkpoint)
+        self.book = checkpoint.book
+        self.runs, self.finished = self.book.runs, self.book.finished
+        log.info(
+            "executor rebuilt: checkpoint %s + %d events: %d runs in progress",
+            checkpoint.seqs,
+            count,
+            len(self.runs),
+        )
         ACTIVE_RUNS.set(len(self.runs))
 
+    async def _read_log(self, context: str, start_seq: int) -> AsyncIterator[tuple[int, bytes]]:
+        assert self.bus is not None
+        async for seq, msg in self.bus.replay(context, start_seq=start_seq):
+            yield seq, msg.data
+
+    async def _checkpoint_periodically(self) -> None:
+        """Fold the log since the last checkpoint into a new one, from the store's copy
+        (never from the live state, which holds claims the log has not seen)."""
+        while self.running:
+            await asyncio.sleep(self.settings.checkpoint_interval_s)
+            try:
+                checkpoint = await self.checkpoints.load()
+                await fold_log(checkpoint, self._read_log)
+                await self.checkpoints.save(checkpoint)
+            except Exception:
+                log.exception("checkpoint failed; the next one folds more of the log")
+
     def _fold(self, event: AnyEvent) -> RunState | None:
-        if event.run_id in self.finished:
-            return None
-        state = self.runs.get(event.run_id)
-        if state is None:
-            if not isinstance(event, _OPENING):
-                return None
-            state = self.runs[event.run_id] = RunState(event.run_id, event.tenant)
-        state.apply(event)
-        return state
+        return self.book.fold(event)
 
     def _finish(self, run_id: uuid.UUID) -> None:
-        self.runs.pop(run_id, None)
+        self.book.finish(run_id)
         self.locks.pop(run_id, None)
-        self.finished.add(run_id)
 
     def _lock(self, run_id: uuid.UUID) -> asyncio.Lock:
         lock = self.locks.get(run_id)
