@@ -37,6 +37,7 @@ def test_the_same_goal_gives_a_byte_identical_plan() -> None:
             ["http_call", "json_transform", "llm_invoke"],
         ),
         ("Summarise the release notes", ["json_transform", "llm_invoke"]),
+        ("extract name, email from user", ["json_transform"]),
     ],
 )
 def test_each_rule_gives_its_documented_plan(text: str, skills: list[str]) -> None:
@@ -46,12 +47,14 @@ def test_each_rule_gives_its_documented_plan(text: str, skills: list[str]) -> No
     assert param_problems(plan) == []
 
 
-def test_accepted_goal_gets_run_accepted_then_plan_created_with_derived_ids() -> None:
+async def test_accepted_goal_gets_run_accepted_then_plan_created_with_derived_ids() -> None:
     submitted = goal("summarize it", text="hello")
-    events = decide(submitted, StubPlanner())
+    events = await decide(submitted, StubPlanner())
     assert [type(event) for event in events] == [RunAccepted, PlanCreated]
     assert all(event.causation_id == submitted.event_id for event in events)
-    assert [e.event_id for e in events] == [e.event_id for e in decide(submitted, StubPlanner())]
+    assert [e.event_id for e in events] == [
+        e.event_id for e in await decide(submitted, StubPlanner())
+    ]
     created = events[1]
     assert isinstance(created, PlanCreated)
     assert created.budget_cents == 100
@@ -59,16 +62,16 @@ def test_accepted_goal_gets_run_accepted_then_plan_created_with_derived_ids() ->
     assert created.estimated_cents == estimate_cents(created.plan) > 0
 
 
-def test_a_goal_no_rule_matches_is_rejected_with_the_rules_listed() -> None:
-    events = decide(goal("make me a sandwich"), StubPlanner())
+async def test_a_goal_no_rule_matches_is_rejected_with_the_rules_listed() -> None:
+    events = await decide(goal("make me a sandwich"), StubPlanner())
     rejected = events[-1]
     assert isinstance(rejected, PlanRejected)
     assert rejected.code is FailureCode.PLAN_INVALID
     assert "bench <N>" in rejected.reasons[0]
 
 
-def test_a_plan_estimated_above_the_budget_never_starts() -> None:
-    events = decide(goal("summarize it", budget=0, text="x"), StubPlanner())
+async def test_a_plan_estimated_above_the_budget_never_starts() -> None:
+    events = await decide(goal("summarize it", budget=0, text="x"), StubPlanner())
     rejected = events[-1]
     assert isinstance(rejected, PlanRejected)
     assert rejected.code is FailureCode.BUDGET_EXCEEDED
@@ -118,3 +121,13 @@ def test_param_problems_names_unknown_and_missing_params() -> None:
     problems = param_problems(plan)
     assert any("has no params ['promt']" in p for p in problems)
     assert any("needs params ['prompt']" in p for p in problems)
+
+
+def test_extract_picks_the_named_fields_from_the_named_input() -> None:
+    plan = StubPlanner().plan("extract name, email and id from user", {})
+    (step,) = plan.steps
+    assert step.params == {
+        "op": "pick",
+        "input": "${goal.inputs.user}",
+        "keys": ["name", "email", "id"],
+    }

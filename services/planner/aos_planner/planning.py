@@ -1,4 +1,10 @@
-"""From a goal to the planner's decision: the events it publishes. Pure: no I/O."""
+"""From a goal to the planner's decision: the events it publishes.
+
+Whatever the backend, a plan is validated here before it is accepted: every skill
+exists, params fit the skill's input schema, references point at earlier steps, no
+cycles, and the worst-case cost (each skill's cost model) fits the budget. An invalid
+plan is rejected with every reason and never runs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from aos_contracts.events import (
 from aos_contracts.failures import FailureCode
 from aos_contracts.plans import Plan, plan_problems, references_in
 from aos_contracts.skills import SKILL_CONTRACTS
-from aos_planner.stub import NoRuleMatched, StubPlanner
+from aos_planner.backend import Planner, PlanningFailed
 
 
 def param_problems(plan: Plan) -> list[str]:
@@ -53,7 +59,18 @@ def estimate_cents(plan: Plan) -> int:
     return total
 
 
-def decide(goal: GoalSubmitted, planner: StubPlanner) -> list[EventEnvelope]:
+def validation_problems(plan: Plan) -> list[str]:
+    return plan_problems(plan, set(SKILL_CONTRACTS)) + param_problems(plan)
+
+
+def budget_problem(plan: Plan, budget_cents: int) -> str | None:
+    estimate = estimate_cents(plan)
+    if estimate > budget_cents:
+        return f"plan is estimated at {estimate} cents, above the budget of {budget_cents}"
+    return None
+
+
+async def decide(goal: GoalSubmitted, planner: Planner) -> list[EventEnvelope]:
     """The events that answer one goal: accepted, then a plan or a rejection."""
     accepted = goal.caused(
         RunAccepted,
@@ -64,16 +81,16 @@ def decide(goal: GoalSubmitted, planner: StubPlanner) -> list[EventEnvelope]:
         planner_backend=planner.name,
     )
     try:
-        plan = planner.plan(goal.goal, goal.inputs)
-    except NoRuleMatched as exc:
-        return [accepted, *_reject(goal, [str(exc)], FailureCode.PLAN_INVALID)]
-    problems = plan_problems(plan, set(SKILL_CONTRACTS)) + param_problems(plan)
+        plan = await planner.make_plan(goal)
+    except PlanningFailed as exc:
+        return [accepted, *_reject(goal, exc.reasons, exc.code)]
+    problems = validation_problems(plan)
     if problems:
         return [accepted, *_reject(goal, problems, FailureCode.PLAN_INVALID)]
+    over_budget = budget_problem(plan, goal.budget_cents)
+    if over_budget:
+        return [accepted, *_reject(goal, [over_budget], FailureCode.BUDGET_EXCEEDED)]
     estimate = estimate_cents(plan)
-    if estimate > goal.budget_cents:
-        reason = f"plan is estimated at {estimate} cents, above the budget of {goal.budget_cents}"
-        return [accepted, *_reject(goal, [reason], FailureCode.BUDGET_EXCEEDED)]
     created = goal.caused(
         PlanCreated,
         "plan.created",

@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 import uuid
 
+from anthropic import AsyncAnthropic
+
 from aos_contracts.events import GoalSubmitted, RunAccepted
+from aos_planner.anthropic_planner import AnthropicPlanner
+from aos_planner.backend import Planner
 from aos_planner.planning import decide
 from aos_planner.settings import PlannerSettings
 from aos_planner.stub import StubPlanner
@@ -29,15 +33,12 @@ class PlannerService:
 
     def __init__(self, settings: PlannerSettings) -> None:
         self.settings = settings
-        if settings.backend != "stub":
-            # The Anthropic backend arrives with issue 4; refuse rather than pretend.
-            raise SystemExit("PLANNER_BACKEND=anthropic is not available yet; use stub")
-        self.planner = StubPlanner()
+        self.planner = make_planner(settings)
         self.decided: set[uuid.UUID] = set()
         self.bus: EventBus | None = None
         self.consumer: LogConsumer | None = None
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
-        self.http.backends = {"planner": "stub" if self.planner.is_stub else settings.backend}
+        self.http.backends = {"planner": self.planner.name}
 
     async def start(self) -> None:
         self.bus = await EventBus.connect(
@@ -74,10 +75,26 @@ class PlannerService:
             log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
             return
         assert self.bus is not None
-        events = decide(goal, self.planner)
+        events = await decide(goal, self.planner)
         await self.bus.publish_all(events)
         self.decided.add(goal.run_id)
         PLANS.labels(str(getattr(events[-1], "type")), self.planner.name).inc()
+
+
+def make_planner(settings: PlannerSettings) -> Planner:
+    """The backend PLANNER_BACKEND names; a misconfiguration stops the service at start."""
+    if settings.backend == "stub":
+        return StubPlanner()
+    if settings.anthropic_api_key is None:
+        raise SystemExit("PLANNER_BACKEND=anthropic needs ANTHROPIC_API_KEY")
+    client = AsyncAnthropic(
+        api_key=settings.anthropic_api_key.get_secret_value(),
+        base_url=settings.anthropic_base_url,
+        max_retries=settings.anthropic_max_retries,
+    )
+    return AnthropicPlanner(
+        client, model=settings.planner_model, max_tokens=settings.planner_max_tokens
+    )
 
 
 async def _true(value: bool) -> bool:

@@ -8,6 +8,8 @@ Rules, tried in order (the first that matches wins):
 3. `fetch <url> ...` -> http_call GET <url>, then json_transform extract of the body.
 4. `summari[sz]e ...` -> json_transform extract of `inputs.text`, then llm_invoke asking
    for a summary of it.
+5. `extract <a>, <b> ... from <key>` -> json_transform pick of the named fields from
+   `inputs.<key>` (or from the inputs themselves without `from`).
 
 A goal no rule matches is rejected, with the rules listed in the reason.
 """
@@ -18,7 +20,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from aos_contracts.events import GoalSubmitted
 from aos_contracts.plans import Plan, PlanStep
+from aos_planner.backend import PlanningFailed
 
 Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str], dict[str, Any]], Plan]]
 
@@ -108,6 +112,25 @@ def _summarise(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
     )
 
 
+def _extract(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    fields = [
+        name
+        for name in re.split(r"[\s,]+", match.group(1))
+        if name and name.lower() != "and" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
+    ]
+    source = f"${{goal.inputs.{match.group(2)}}}" if match.group(2) else "${goal.inputs}"
+    return Plan(
+        steps=[
+            PlanStep(
+                id="fields",
+                skill="json_transform",
+                params={"op": "pick", "input": source, "keys": fields},
+            )
+        ],
+        rationale=f"keep only {', '.join(fields)}",
+    )
+
+
 RULES: list[Rule] = [
     ("bench <N>", re.compile(r"^\s*bench\s+(\d{1,4})\b", re.IGNORECASE), _bench),
     (
@@ -117,12 +140,23 @@ RULES: list[Rule] = [
     ),
     ("fetch <url>", re.compile(r"\bfetch\s+(https?://\S+)", re.IGNORECASE), _fetch),
     ("summarise|summarize", re.compile(r"\bsummari[sz]e\b", re.IGNORECASE), _summarise),
+    (
+        "extract <fields> [from <key>]",
+        re.compile(r"\bextract\s+(.+?)(?:\s+from\s+([a-z_][a-z0-9_]*))?\s*$", re.IGNORECASE),
+        _extract,
+    ),
 ]
 
 
 class StubPlanner:
     name = "stub"
     is_stub = True
+
+    async def make_plan(self, goal: GoalSubmitted) -> Plan:
+        try:
+            return self.plan(goal.goal, goal.inputs)
+        except NoRuleMatched as exc:
+            raise PlanningFailed([str(exc)]) from exc
 
     def plan(self, goal: str, inputs: dict[str, Any]) -> Plan:
         for _label, pattern, build in RULES:

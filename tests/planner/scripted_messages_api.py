@@ -1,0 +1,78 @@
+"""A Messages API on 127.0.0.1 that answers each request with the next scripted reply.
+
+Enough of the API for the real `anthropic` SDK: POST /v1/messages, JSON replies with
+content blocks, stop_reason and usage, and error bodies in the API's shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+def plan_call(plan: dict[str, Any], *, stop_reason: str = "tool_use") -> dict[str, Any]:
+    return {
+        "content": [{"type": "tool_use", "name": "submit_plan", "input": plan}],
+        "stop": stop_reason,
+    }
+
+
+def error(status: int, kind: str, message: str) -> dict[str, Any]:
+    return {"error": (status, kind, message)}
+
+
+@dataclass
+class ScriptedMessagesApi:
+    replies: list[dict[str, Any]]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> ScriptedMessagesApi:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        reply = self.replies.pop(0) if self.replies else {"error": (500, "api_error", "no more")}
+        if "error" in reply:
+            status, kind, message = reply["error"]
+            return web.json_response(
+                {"type": "error", "error": {"type": kind, "message": message}}, status=status
+            )
+        n = next(self._ids)
+        content = [
+            {**block, "id": f"toolu_{n}_{i}"} if block["type"] == "tool_use" else block
+            for i, block in enumerate(reply["content"])
+        ]
+        return web.json_response(
+            {
+                "id": f"msg_{n}",
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": content,
+                "stop_reason": reply["stop"],
+                "stop_sequence": None,
+                "usage": {"input_tokens": 900, "output_tokens": 120},
+            }
+        )
