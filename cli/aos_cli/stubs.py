@@ -38,7 +38,9 @@ def _truthy(value: str | None, default: bool) -> bool:
 
 def env_flags(env: Mapping[str, str]) -> list[Flag]:
     planner = env.get("PLANNER_BACKEND") or "stub"
-    has_key = bool(env.get("ANTHROPIC_API_KEY"))
+    has_key = bool((env.get("ANTHROPIC_API_KEY") or "").strip())
+    base_url = env.get("ANTHROPIC_BASE_URL") or ""
+    http_backend = env.get("AOS_HTTP_BACKEND") or "httpx"
     postgres_traces = _truthy(env.get("USE_POSTGRES_TRACES"), True)
     external_off = _truthy(env.get("DISABLE_EXTERNAL_CALLS"), False)
     rbac = _truthy(env.get("RBAC_ENFORCE"), False)
@@ -53,8 +55,16 @@ def env_flags(env: Mapping[str, str]) -> list[Flag]:
         Flag(
             "ANTHROPIC_API_KEY",
             "set" if has_key else "unset",
-            "a Claude key is available" if has_key else "no Claude key: llm_invoke is a stub",
+            (f"llm_invoke: Claude at {base_url}" if base_url else "llm_invoke: Claude")
+            if has_key
+            else "no Claude key: llm_invoke is a stub",
             not has_key,
+        ),
+        Flag(
+            "AOS_HTTP_BACKEND",
+            http_backend,
+            "http_call: httpx" if http_backend != "stub" else "http_call: canned responses",
+            http_backend == "stub",
         ),
         Flag(
             "USE_POSTGRES_TRACES",

@@ -153,6 +153,29 @@ class StepStarted(EventEnvelope):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class StepTelemetry(BaseModel):
+    """What happened inside one attempt of a skill, for the trace: calls and retries made
+    within the skill, the circuit breaker it went through, tokens for a model call."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str | None = Field(default=None, description="e.g. httpx, claude, stub")
+    calls: int = Field(default=0, ge=0, description="calls made inside the skill")
+    retries: int = Field(default=0, ge=0, description="calls after the first, within the skill")
+    retry_delays_s: list[float] = Field(default_factory=list)
+    circuit: str | None = Field(default=None, description="the breaker's key, e.g. http:host:80")
+    circuit_state: Literal["closed", "open", "half_open"] | None = Field(
+        default=None, description="the breaker's state after the attempt"
+    )
+    status_code: int | None = None
+    response_bytes: int | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
 class StepSucceeded(EventEnvelope):
     type: Literal["step.succeeded"] = "step.succeeded"
     step_id: str
@@ -163,6 +186,7 @@ class StepSucceeded(EventEnvelope):
     cost_cents: Annotated[int, Field(ge=0)] = 0
     duration_ms: float = 0.0
     is_stub: bool = False
+    telemetry: StepTelemetry | None = None
 
 
 class StepFailed(EventEnvelope):
@@ -175,6 +199,7 @@ class StepFailed(EventEnvelope):
     will_retry: bool = False
     cost_cents: Annotated[int, Field(ge=0)] = 0
     duration_ms: float = 0.0
+    telemetry: StepTelemetry | None = None
 
 
 class RunCompleted(EventEnvelope):
@@ -213,6 +238,18 @@ class BudgetReserved(EventEnvelope):
     attempt: int
     amount_cents: int
     remaining_cents: int = Field(description="cap minus reserved minus committed, after this")
+    tenant_period: str | None = Field(
+        default=None, description="the tenant budget period this counts against, e.g. month:2025-06"
+    )
+    tenant_cap_cents: int | None = Field(
+        default=None, description="the tenant's cap for that period; None: no tenant cap"
+    )
+    tenant_remaining_cents: int | None = Field(
+        default=None, description="tenant cap minus reserved minus committed, after this"
+    )
+    expires_at: datetime | None = Field(
+        default=None, description="when the ledger releases the reservation if never committed"
+    )
 
 
 class BudgetDenied(EventEnvelope):
@@ -223,6 +260,12 @@ class BudgetDenied(EventEnvelope):
     amount_cents: int
     remaining_cents: int
     error: Failure
+    exceeded_cap: Literal["run", "tenant"] | None = Field(
+        default=None, description="which cap the reservation would have crossed"
+    )
+    tenant_period: str | None = None
+    tenant_cap_cents: int | None = None
+    tenant_remaining_cents: int | None = None
 
 
 class BudgetCommitted(EventEnvelope):
@@ -232,6 +275,9 @@ class BudgetCommitted(EventEnvelope):
     reserved_cents: int
     committed_cents: int
     released_cents: int
+    tenant_period: str | None = Field(
+        default=None, description="the tenant budget period the spend counts against"
+    )
 
 
 class BudgetReleased(EventEnvelope):
@@ -239,7 +285,8 @@ class BudgetReleased(EventEnvelope):
     reservation_id: uuid.UUID
     step_id: str
     released_cents: int
-    reason: str
+    reason: str = Field(description="the run's terminal event type, or 'expired'")
+    tenant_period: str | None = None
 
 
 # --- the union --------------------------------------------------------------------------

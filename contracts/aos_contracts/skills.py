@@ -52,6 +52,10 @@ class LlmInvokeParams(BaseModel):
     model: str = "claude-sonnet-4-5"
     max_tokens: Annotated[int, Field(ge=1, le=64_000)] = 512
     temperature: Annotated[float, Field(ge=0, le=1)] = 0.0
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="tool definitions (name, description, input_schema)"
+    )
+    stream: bool = Field(default=True, description="stream text deltas as progress events")
 
 
 class HttpCallParams(BaseModel):
@@ -62,7 +66,11 @@ class HttpCallParams(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     query: dict[str, str] = Field(default_factory=dict)
     json_body: Any = None
+    body: str | None = Field(default=None, description="a raw request body (not with json_body)")
     timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_bytes: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="refuse a response body larger than this (default: executor's)"
+    )
 
 
 # Prices in cents per million tokens: (input, output). Unknown models use the dearest.

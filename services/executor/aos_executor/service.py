@@ -38,8 +38,10 @@ from aos_contracts.events import (
     StepFailed,
     StepStarted,
     StepSucceeded,
+    StepTelemetry,
 )
 from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.progress import StepProgress, progress_subject
 from aos_contracts.skills import SideEffect
 from aos_executor.checkpoints import (
     OPENING,
@@ -53,7 +55,14 @@ from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
 from aos_executor.runs import RunState, StepState, StepStatus
 from aos_executor.settings import ExecutorSettings
-from aos_executor.skills import Skill, SkillError, SkillResult, default_registry
+from aos_executor.skills import (
+    Skill,
+    SkillContext,
+    SkillError,
+    SkillResult,
+    build_registry,
+    close_registry,
+)
 from aos_plumbing import metrics
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
@@ -81,7 +90,7 @@ class ExecutorService:
 
     def __init__(self, settings: ExecutorSettings, skills: dict[str, Skill] | None = None) -> None:
         self.settings = settings
-        self.skills = skills or default_registry()
+        self.skills = skills or build_registry(settings)
         self.book = Book()
         self.runs, self.finished = self.book.runs, self.book.finished
         self.checkpoints: CheckpointStore = NoCheckpoints()
@@ -97,7 +106,7 @@ class ExecutorService:
         # none of this executor's state, and calls nothing.
         self.http.app.router.add_post("/replay", _replay_request)
         self.http.backends = {
-            f"skill:{name}": "stub" if skill.is_stub else "real"
+            f"skill:{name}": "stub" if skill.is_stub else skill.backend
             for name, skill in self.skills.items()
         }
 
@@ -143,6 +152,7 @@ class ExecutorService:
         if self.checkpoint_task:
             self.checkpoint_task.cancel()
         await self.http.stop()
+        await close_registry(self.skills)
         if self.bus:
             await self.bus.close()
         await self.checkpoints.close()
@@ -251,6 +261,7 @@ class ExecutorService:
         params: dict[str, Any] = {}
         result: SkillResult | None = None
         failure: Failure | None = None
+        telemetry: StepTelemetry | None = None
         started_published = False
         try:
             if skill is None:
@@ -269,9 +280,10 @@ class ExecutorService:
             timeout = step.step.timeout_s or skill.contract.timeout_s
             started_at = time.perf_counter()
             async with asyncio.timeout(timeout):
-                result = await skill.run(validated)
+                result = await skill.run(validated, self._skill_context(state, step))
         except SkillError as exc:
             failure = exc.failure
+            telemetry = exc.telemetry
         except UnresolvedReference as exc:
             failure = Failure.of(FailureCode.INPUT_INVALID, str(exc))
         except ValidationError as exc:
@@ -304,6 +316,7 @@ class ExecutorService:
                     cost_cents=result.cost_cents,
                     duration_ms=duration_ms,
                     is_stub=bool(skill and skill.is_stub),
+                    telemetry=result.telemetry,
                 )
             )
         else:
@@ -318,6 +331,7 @@ class ExecutorService:
                     error=failure,
                     will_retry=will_retry,
                     duration_ms=duration_ms,
+                    telemetry=telemetry,
                 )
             )
         async with self._lock(state.run_id):
@@ -329,6 +343,24 @@ class ExecutorService:
             await self._publish_until_done([*out, *follow_up])
             self._applied(state, follow_up)
             await self._drive(state)
+
+    def _skill_context(self, state: RunState, step: StepState) -> SkillContext:
+        """Live progress of the step goes to core NATS (not the log): see docs/SKILLS.md."""
+        bus = self.bus
+        assert bus is not None
+        subject = progress_subject(state.tenant, state.run_id, self.settings.namespace)
+
+        async def publish(progress: StepProgress) -> None:
+            await bus.nc.publish(subject, progress.model_dump_json().encode())
+
+        return SkillContext(
+            run_id=state.run_id,
+            tenant=state.tenant,
+            step_id=step.step.id,
+            skill=step.step.skill,
+            attempt=step.attempt,
+            sink=publish,
+        )
 
     async def _retry_later(self, state: RunState, step: StepState) -> None:
         delay = self.settings.retry_backoff_s * 2 ** max(0, step.attempt - 2)

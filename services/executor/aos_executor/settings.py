@@ -1,13 +1,14 @@
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
 
 from aos_plumbing.settings import CommonSettings
 
 
 class ExecutorSettings(CommonSettings):
     http_port: int = Field(default=8102, alias="AOS_HTTP_PORT")
-    disable_external_calls: bool = Field(default=False, alias="DISABLE_EXTERNAL_CALLS")
     database_url: str | None = Field(
         default=None,
         alias="AOS_EXECUTOR_DATABASE_URL",
@@ -17,3 +18,34 @@ class ExecutorSettings(CommonSettings):
     retry_backoff_s: float = Field(
         default=0.2, alias="AOS_RETRY_BACKOFF_S", ge=0, description="first retry delay; doubles"
     )
+
+    # --- skills: which backends (docs/SKILLS.md) ---------------------------------------
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        alias="ANTHROPIC_API_KEY",
+        description="set: llm_invoke runs on Claude; unset: the deterministic stub",
+    )
+    anthropic_base_url: str | None = Field(default=None, alias="ANTHROPIC_BASE_URL")
+    http_backend: Literal["httpx", "stub"] = Field(default="httpx", alias="AOS_HTTP_BACKEND")
+
+    # --- http_call: what it may reach ----------------------------------------------------
+    disable_external_calls: bool = Field(default=False, alias="DISABLE_EXTERNAL_CALLS")
+    http_allow_hosts: str = Field(
+        default="",
+        alias="AOS_HTTP_ALLOW_HOSTS",
+        description="comma separated hosts, *.suffixes, IPs or CIDRs that http_call may "
+        "reach even when external calls are disabled or the address is private",
+    )
+    http_max_bytes: int = Field(default=256 * 1024, alias="AOS_HTTP_MAX_BYTES", ge=1)
+
+    # --- retries and circuit breakers inside skills ----------------------------------------
+    skill_max_retries: int = Field(default=2, alias="AOS_SKILL_MAX_RETRIES", ge=0, le=10)
+    skill_retry_base_s: float = Field(default=0.25, alias="AOS_SKILL_RETRY_BASE_S", ge=0)
+    skill_max_retry_after_s: float = Field(default=30.0, alias="AOS_SKILL_MAX_RETRY_AFTER_S", ge=0)
+    circuit_failure_threshold: int = Field(default=5, alias="AOS_CIRCUIT_FAILURE_THRESHOLD", ge=1)
+    circuit_cooldown_s: float = Field(default=30.0, alias="AOS_CIRCUIT_COOLDOWN_S", ge=0)
+
+    @field_validator("anthropic_api_key", "anthropic_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
