@@ -49,7 +49,7 @@ class LlmInvokeParams(BaseModel):
 
     prompt: Annotated[str, Field(min_length=1)]
     system: str | None = None
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-4-6"
     max_tokens: Annotated[int, Field(ge=1, le=64_000)] = 512
     temperature: Annotated[float, Field(ge=0, le=1)] = 0.0
     tools: list[dict[str, Any]] | None = Field(
@@ -76,7 +76,9 @@ class HttpCallParams(BaseModel):
 # Prices in cents per million tokens: (input, output). Unknown models use the dearest.
 LLM_PRICES_CENTS_PER_MTOK: dict[str, tuple[int, int]] = {
     "claude-opus-4-1": (1500, 7500),
-    "claude-sonnet-4-5": (300, 1500),
+    "claude-opus-4-6": (500, 2500),
+    "claude-sonnet-4-6": (300, 1500),
+    "claude-sonnet-4-5": (300, 1500),  # end of life 2026-11-30; kept so old runs price right
     "claude-haiku-4-5": (100, 500),
 }
 _DEAREST = max(LLM_PRICES_CENTS_PER_MTOK.values(), key=lambda price: price[1])

@@ -13,6 +13,19 @@ from pathlib import Path
 
 import httpx
 
+_BACKEND_FLAGS = frozenset(
+    {
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "PLANNER_BACKEND",
+        "DISABLE_EXTERNAL_CALLS",
+        "AOS_HTTP_ALLOW_HOSTS",
+        "AOS_HTTP_BACKEND",
+        "RBAC_ENFORCE",
+        "JWT_VERIFY_SIGNATURE",
+    }
+)
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -41,7 +54,9 @@ class ServiceProcess:
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         env = {
-            **os.environ,
+            # The developer's shell must not decide what a test runs on: no real Claude
+            # key, no external-call policy, no planner backend leak into a service.
+            **{k: v for k, v in os.environ.items() if k not in _BACKEND_FLAGS},
             # A killed consumer's unacknowledged batch comes back after this long; tests
             # that kill services should not wait the production default of 30 s.
             "AOS_ACK_WAIT_S": "5",
