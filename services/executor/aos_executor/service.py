@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from aos_contracts.codec import decode_event
 from aos_contracts.events import (
@@ -50,6 +50,11 @@ from aos_executor.checkpoints import (
     NoCheckpoints,
     fold_log,
     open_store,
+)
+from aos_executor.idempotency import (
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    RedisIdempotencyStore,
 )
 from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
@@ -83,6 +88,8 @@ ACTIVE_RUNS = metrics.gauge("aos_executor_active_runs", "runs in progress in thi
 
 # Events that create a run in the executor's memory; others for an unknown run wait.
 _RELEVANT = (*OPENING, BudgetReserved, BudgetDenied)
+# An unsafe call's claim outlives its timeout by this much, so a live call never loses it.
+CLAIM_MARGIN_S = 5.0
 
 
 class ExecutorService:
@@ -94,6 +101,11 @@ class ExecutorService:
         self.book = Book()
         self.runs, self.finished = self.book.runs, self.book.finished
         self.checkpoints: CheckpointStore = NoCheckpoints()
+        self.idempotency: IdempotencyStore = (
+            RedisIdempotencyStore.from_url(settings.redis_url, settings.namespace)
+            if settings.redis_url
+            else InMemoryIdempotencyStore()
+        )
         self.checkpoint_task: asyncio.Task[None] | None = None
         self.locks: dict[uuid.UUID, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -123,6 +135,7 @@ class ExecutorService:
         self.running = True
         self.checkpoints = await open_store(self.settings.database_url)
         self.http.backends["checkpoints"] = self.checkpoints.name
+        self.http.backends["idempotency"] = self.idempotency.name
         await self.rebuild()
         handler = per_run(self.handle)
         self.consumers = [
@@ -156,6 +169,7 @@ class ExecutorService:
         if self.bus:
             await self.bus.close()
         await self.checkpoints.close()
+        await self.idempotency.close()
 
     async def rebuild(self) -> None:
         """The last checkpoint, plus every event of the log after it (plans, own events,
@@ -279,8 +293,13 @@ class ExecutorService:
                 started_published = True
             timeout = step.step.timeout_s or skill.contract.timeout_s
             started_at = time.perf_counter()
-            async with asyncio.timeout(timeout):
-                result = await skill.run(validated, self._skill_context(state, step))
+            result = await self.call_skill(
+                skill,
+                validated,
+                self._skill_context(state, step),
+                key=f"{state.run_id}:{step.step.id}",
+                limit_s=timeout,
+            )
         except SkillError as exc:
             failure = exc.failure
             telemetry = exc.telemetry
@@ -343,6 +362,45 @@ class ExecutorService:
             await self._publish_until_done([*out, *follow_up])
             self._applied(state, follow_up)
             await self._drive(state)
+
+    async def call_skill(
+        self, skill: Skill, params: BaseModel, context: SkillContext, *, key: str, limit_s: float
+    ) -> SkillResult:
+        """Call the skill; an unsafe one at most once per step, whatever the attempt.
+
+        The step's key is claimed before the call (for as long as the call may take) and
+        its result recorded after. A recorded result is returned without calling again.
+        A claim held by another attempt — alive, or dead mid-call with an unknown outcome
+        — is waited out until it expires. A failure with a known outcome releases the
+        claim so a retry may call again; a timeout does not (the effect may have
+        happened), so the retry waits for the claim to expire."""
+        if skill.contract.side_effect is not SideEffect.UNSAFE:
+            async with asyncio.timeout(limit_s):
+                return await skill.run(params, context)
+        claim_ttl = limit_s + CLAIM_MARGIN_S
+        deadline = time.monotonic() + claim_ttl + CLAIM_MARGIN_S
+        claim = await self.idempotency.claim(key, claim_ttl)
+        while claim.state == "in_flight" and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            claim = await self.idempotency.claim(key, claim_ttl)
+        if claim.state == "done":
+            recorded = claim.result or {}
+            return SkillResult(recorded.get("output"), int(recorded.get("cost_cents", 0)))
+        if claim.state == "in_flight":
+            raise SkillError(
+                Failure.of(
+                    FailureCode.SKILL_ERROR, f"step {context.step_id!r} is in flight elsewhere"
+                )
+            )
+        try:
+            async with asyncio.timeout(limit_s):
+                result = await skill.run(params, context)
+        except SkillError:
+            await self.idempotency.release(key)
+            raise
+        record = {"output": result.output, "cost_cents": result.cost_cents}
+        await self.idempotency.complete(key, record, self.settings.idempotency_ttl_s)
+        return result
 
     def _skill_context(self, state: RunState, step: StepState) -> SkillContext:
         """Live progress of the step goes to core NATS (not the log): see docs/SKILLS.md."""

@@ -15,6 +15,17 @@ class ExecutorSettings(CommonSettings):
         description="checkpoints; unset: every start folds the whole log (tests, demos)",
     )
     checkpoint_interval_s: float = Field(default=60.0, alias="AOS_CHECKPOINT_INTERVAL_S", gt=0)
+    redis_url: str | None = Field(
+        default=None,
+        alias="REDIS_URL",
+        description="idempotency claims of unsafe steps; unset: in memory (one process only)",
+    )
+    idempotency_ttl_s: float = Field(
+        default=24 * 3600.0,
+        alias="AOS_IDEMPOTENCY_TTL_S",
+        gt=0,
+        description="how long an unsafe step's recorded result is kept",
+    )
     retry_backoff_s: float = Field(
         default=0.2, alias="AOS_RETRY_BACKOFF_S", ge=0, description="first retry delay; doubles"
     )

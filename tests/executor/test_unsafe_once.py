@@ -1,0 +1,110 @@
+"""An unsafe skill is called at most once per step, across attempts, replicas, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from pydantic import BaseModel
+
+from aos_cli.embedded import InfraUrls
+from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.skills import SKILL_CONTRACTS, HttpCallParams, SkillContract
+from aos_executor.service import ExecutorService
+from aos_executor.settings import ExecutorSettings
+from aos_executor.skills import SkillContext, SkillError, SkillResult
+
+
+@dataclass
+class CountingEffect:
+    """An unsafe skill that counts its calls; it can be told to fail or to be slow."""
+
+    calls: int = 0
+    fail_with: FailureCode | None = None
+    delay_s: float = 0.0
+    contract: SkillContract = SKILL_CONTRACTS["http_call"]
+    is_stub: bool = False
+    backend: str = "counting"
+
+    async def run(self, params: BaseModel, context: SkillContext) -> SkillResult:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise SkillError(Failure.of(self.fail_with, "the far side said no"))
+        return SkillResult({"status": 201, "call": self.calls}, cost_cents=2)
+
+
+def executor(infra: InfraUrls, namespace: str) -> ExecutorService:
+    settings = ExecutorSettings.model_validate(
+        {"REDIS_URL": infra.redis_url, "AOS_NAMESPACE": namespace}
+    )
+    return ExecutorService(settings)
+
+
+@pytest.fixture
+async def replicas(infra: InfraUrls, namespace: str) -> AsyncIterator[list[ExecutorService]]:
+    services = [executor(infra, namespace) for _ in range(2)]
+    yield services
+    for service in services:
+        await service.idempotency.close()
+
+
+def context(step_id: str = "fetch") -> SkillContext:
+    return SkillContext(run_id=uuid.uuid4(), tenant="acme", step_id=step_id, skill="http_call")
+
+
+PARAMS = HttpCallParams(url="http://127.0.0.1:9/x", method="POST")
+
+
+async def test_two_replicas_running_the_same_step_call_the_effect_once(
+    replicas: list[ExecutorService],
+) -> None:
+    effect = CountingEffect(delay_s=0.3)
+    key = f"{uuid.uuid4()}:fetch"
+    results = await asyncio.gather(
+        *(
+            service.call_skill(effect, PARAMS, context(), key=key, limit_s=5)
+            for service in replicas
+        )
+    )
+    assert effect.calls == 1
+    assert [r.output for r in results] == [{"status": 201, "call": 1}] * 2
+
+
+async def test_a_restarted_executor_returns_the_recorded_result(
+    infra: InfraUrls, namespace: str, replicas: list[ExecutorService]
+) -> None:
+    effect = CountingEffect()
+    key = f"{uuid.uuid4()}:fetch"
+    first = await replicas[0].call_skill(effect, PARAMS, context(), key=key, limit_s=5)
+    restarted = executor(infra, namespace)
+    try:
+        again = await restarted.call_skill(effect, PARAMS, context(), key=key, limit_s=5)
+    finally:
+        await restarted.idempotency.close()
+    assert effect.calls == 1
+    assert again.output == first.output and again.cost_cents == first.cost_cents == 2
+
+
+async def test_a_failure_with_a_known_outcome_lets_the_retry_call_again(
+    replicas: list[ExecutorService],
+) -> None:
+    effect = CountingEffect(fail_with=FailureCode.HTTP_5XX)
+    key = f"{uuid.uuid4()}:fetch"
+    with pytest.raises(SkillError):
+        await replicas[0].call_skill(effect, PARAMS, context(), key=key, limit_s=5)
+    effect.fail_with = None
+    result = await replicas[0].call_skill(effect, PARAMS, context(), key=key, limit_s=5)
+    assert effect.calls == 2
+    assert result.output == {"status": 201, "call": 2}
+
+
+async def test_pure_skills_are_not_claimed(replicas: list[ExecutorService]) -> None:
+    effect = CountingEffect(contract=SKILL_CONTRACTS["json_transform"])
+    key = f"{uuid.uuid4()}:shape"
+    for _ in range(3):
+        await replicas[0].call_skill(effect, PARAMS, context("shape"), key=key, limit_s=5)
+    assert effect.calls == 3
