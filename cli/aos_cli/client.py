@@ -7,6 +7,7 @@ unknown run) into a `UserError` with one readable sentence.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import uuid
 from dataclasses import dataclass
@@ -266,6 +267,47 @@ def replay_run(executor_url: str, events: list[Any]) -> dict[str, Any]:
             f"the executor could not replay the run: {body.get('error', response.text)}"
         )
     return dict(body)
+
+
+def get_tenant_budget(ledger_url: str, tenant: str, period: str | None = None) -> dict[str, Any]:
+    """The ledger's view of a tenant's budget in a period (default: the current one)."""
+    try:
+        response = httpx.get(
+            f"{ledger_url}/budgets/tenants/{tenant}",
+            params={"period": period} if period else None,
+            timeout=10.0,
+        )
+        body = response.json()
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the ledger at {ledger_url}: is AOS running?") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"the ledger answered {response.status_code} without JSON") from exc
+    if response.status_code != 200 or not isinstance(body, dict):
+        reason = body.get("error") if isinstance(body, dict) else body
+        raise UserError(f"the ledger answered {response.status_code}: {reason}")
+    return body
+
+
+def get_golden(tracer_url: str, run_id: uuid.UUID) -> str:
+    """The run's canonical event sequence (the golden-file text) from the tracer."""
+    response = tracer_get(tracer_url, f"/runs/{run_id}/golden")
+    if response.status_code == 404:
+        raise UserError(f"unknown run {run_id}")
+    if response.status_code >= 400:
+        raise UserError(f"the tracer answered {response.status_code}: {response.text[:200]}")
+    return response.text
+
+
+def golden_diff(expected: str, actual: str, expected_name: str, actual_name: str) -> str:
+    """A unified diff from the golden file to the run; empty when they are the same."""
+    return "".join(
+        difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            fromfile=expected_name,
+            tofile=actual_name,
+        )
+    )
 
 
 def run_recorded_as_finished(run: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
@@ -25,8 +26,11 @@ from typing import Any, NoReturn
 from aos_cli import stubs, up
 from aos_cli.client import (
     build_goal,
+    get_golden,
     get_run,
+    get_tenant_budget,
     get_timeline,
+    golden_diff,
     list_runs,
     replay_run,
     submit_goal,
@@ -167,6 +171,18 @@ def build_parser() -> ArgumentParser:
     show.add_argument("--json", action="store_true", help="the run, steps and events as JSON")
     show.set_defaults(handler=cmd_run_show)
 
+    plan_cmd = commands.add_parser("plan", help="plans: simulate")
+    plan_commands = plan_cmd.add_subparsers(dest="plan_command", required=True, metavar="COMMAND")
+    simulate = plan_commands.add_parser(
+        "simulate",
+        help="the plan for a goal, its worst-case cost and whether it fits, without running it",
+    )
+    simulate.add_argument("goal", metavar="TEXT")
+    simulate.add_argument("--budget-cents", type=_budget, required=True)
+    simulate.add_argument("--input-json", type=_inputs, default={}, metavar="JSON")
+    simulate.add_argument("--json", action="store_true", help="print JSON")
+    simulate.set_defaults(handler=cmd_plan_simulate)
+
     replay_cmd = commands.add_parser(
         "replay",
         parents=[common],
@@ -175,6 +191,31 @@ def build_parser() -> ArgumentParser:
     replay_cmd.add_argument("run_id", type=_run_id, metavar="RUN_ID")
     replay_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     replay_cmd.set_defaults(handler=cmd_replay)
+
+    budget_cmd = commands.add_parser("budget", help="budgets: show a tenant's")
+    budget_commands = budget_cmd.add_subparsers(
+        dest="budget_command", required=True, metavar="COMMAND"
+    )
+    budget_show = budget_commands.add_parser(
+        "show", parents=[common], help="a tenant's cap, committed, reserved, remaining"
+    )
+    budget_show.add_argument("tenant", type=_tenant, metavar="TENANT")
+    budget_show.add_argument("--period", help="e.g. month:2025-06 or day:2025-06-01 (default: now)")
+    budget_show.add_argument("--json", action="store_true", help="print JSON")
+    budget_show.set_defaults(handler=cmd_budget_show)
+
+    golden_cmd = commands.add_parser("golden", help="golden files: record, verify")
+    golden_commands = golden_cmd.add_subparsers(
+        dest="golden_command", required=True, metavar="COMMAND"
+    )
+    for name, handler, text in (
+        ("record", cmd_golden_record, "write a run's canonical event sequence to FILE"),
+        ("verify", cmd_golden_verify, "compare a run with FILE; a diff and exit 1 if different"),
+    ):
+        golden = golden_commands.add_parser(name, parents=[common], help=text)
+        golden.add_argument("run_id", type=_run_id, metavar="RUN_ID")
+        golden.add_argument("file", type=Path, metavar="FILE")
+        golden.set_defaults(handler=handler)
 
     stubs_cmd = commands.add_parser(
         "stubs", parents=[common], help="which backends are stubs right now"
@@ -248,6 +289,21 @@ def cmd_run_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan_simulate(args: argparse.Namespace) -> int:
+    """Runs the planner's own simulation in a child process: the CLI imports no service,
+    and with the stub backend nothing else (no NATS, no Claude) is needed."""
+    command = [sys.executable, "-m", "aos_planner", "simulate", args.goal]
+    command += [
+        "--budget-cents",
+        str(args.budget_cents),
+        "--input-json",
+        json.dumps(args.input_json),
+    ]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit 0 when every decision replays the same, 1 when one differs."""
     config = load_config(args.data_dir)
@@ -265,6 +321,49 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for difference in report["differences"]:
             print(f"  - {difference}")
     return EXIT_OK if report["identical"] else EXIT_RUN_NOT_COMPLETED
+
+
+def cmd_budget_show(args: argparse.Namespace) -> int:
+    config = load_config(args.data_dir)
+    ledger = config.service_urls.get("ledger")
+    if not ledger:
+        raise UserError("no ledger URL: is AOS running? (set AOS_LEDGER_URL or `aos up`)")
+    budget = get_tenant_budget(ledger.rstrip("/"), args.tenant, args.period)
+    if args.json:
+        print(json.dumps(budget))
+        return EXIT_OK
+    cap, remaining = budget.get("cap_cents"), budget.get("remaining_cents")
+    print(f"tenant {budget['tenant']}, period {budget['period']}")
+    print(f"  cap        {'no cap' if cap is None else f'{cap} cents'}")
+    print(f"  committed  {budget['committed_cents']} cents")
+    print(f"  reserved   {budget['reserved_cents']} cents")
+    print(f"  remaining  {'unlimited' if remaining is None else f'{remaining} cents'}")
+    return EXIT_OK
+
+
+def cmd_golden_record(args: argparse.Namespace) -> int:
+    golden = get_golden(load_config(args.data_dir).require_tracer(), args.run_id)
+    try:
+        args.file.write_text(golden)
+    except OSError as exc:
+        raise UserError(f"cannot write {args.file}: {exc}") from exc
+    print(f"recorded run {args.run_id} to {args.file}")
+    return EXIT_OK
+
+
+def cmd_golden_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the run matches the golden file, 1 (with a unified diff) when not."""
+    actual = get_golden(load_config(args.data_dir).require_tracer(), args.run_id)
+    try:
+        expected = args.file.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {args.file}: {exc}") from exc
+    diff = golden_diff(expected, actual, str(args.file), f"run {args.run_id}")
+    if not diff:
+        print(f"run {args.run_id} matches {args.file}")
+        return EXIT_OK
+    print(diff, end="")
+    return EXIT_RUN_NOT_COMPLETED
 
 
 # --- entry point ------------------------------------------------------------------------

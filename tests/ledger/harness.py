@@ -31,7 +31,7 @@ from aos_contracts import (
     event_headers,
 )
 from aos_contracts.subjects import stream_name, subject_for_type
-from aos_ledger.store import Balances, BudgetStore, Reservation
+from aos_ledger.store import Balances, BudgetStore, Reservation, TenantBalances
 from tests.support.processes import ServiceProcess
 
 TENANT = "acme"
@@ -210,6 +210,55 @@ def fold(stream: Iterable[tuple[int, AnyEvent]]) -> dict[str, Folded]:
         elif event.type == "budget.released":
             reserved[run] -= held.pop(event.reservation_id, 0)
     return {run: Folded(cap[run], reserved[run], committed[run]) for run in cap}
+
+
+def fold_tenants(stream: Iterable[tuple[int, AnyEvent]]) -> dict[tuple[str, str], Folded]:
+    """Balances per (tenant, period), folded from the log in Python like `fold`; the cap
+    is the one the ledger applied (from its decisions), 0 when it had none."""
+    seen: set[uuid.UUID] = set()
+    caps: dict[tuple[str, str], int] = {}
+    reserved: Counter[tuple[str, str]] = Counter()
+    committed: Counter[tuple[str, str]] = Counter()
+    held: dict[uuid.UUID, tuple[tuple[str, str], int]] = {}
+    periods: dict[uuid.UUID, str] = {}
+    for _seq, event in stream:
+        if event.event_id in seen or not event.type.startswith("budget."):
+            continue
+        seen.add(event.event_id)
+        if event.type == "budget.opened":
+            continue
+        period = periods.setdefault(event.reservation_id, getattr(event, "tenant_period", None))
+        if period is None:
+            continue
+        key = (event.tenant, period)
+        if event.type in DECISIONS and event.tenant_cap_cents is not None:
+            caps[key] = event.tenant_cap_cents
+        if event.type == "budget.reserved":
+            held[event.reservation_id] = (key, event.amount_cents)
+            reserved[key] += event.amount_cents
+        elif event.type == "budget.committed":
+            reserved[key] -= held.pop(event.reservation_id, (key, 0))[1]
+            committed[key] += event.committed_cents
+        elif event.type == "budget.released":
+            reserved[key] -= held.pop(event.reservation_id, (key, 0))[1]
+    keys = set(reserved) | set(committed)
+    return {key: Folded(caps.get(key, 0), reserved[key], committed[key]) for key in keys}
+
+
+async def tenant_snapshot(store: BudgetStore) -> dict[tuple[str, str], TenantBalances]:
+    """Every tenant's balances per period, as Redis holds them."""
+    found: dict[tuple[str, str], TenantBalances] = {}
+    async for key in store.redis.scan_iter(match=f"{store.prefix}tenant:*", count=1000):
+        text = key.decode() if isinstance(key, bytes) else key
+        tenant, period = text.removeprefix(f"{store.prefix}tenant:").split(":", 1)
+        found[(tenant, period)] = await store.tenant_balances(tenant, period)
+    return found
+
+
+async def expiries(store: BudgetStore) -> dict[str, float]:
+    """The expiry index: reservation -> when it expires (epoch ms)."""
+    pairs = await store.redis.zrange(store.expiries_key, 0, -1, withscores=True)
+    return {(k.decode() if isinstance(k, bytes) else k): score for k, score in pairs}
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,13 @@ from tests.ledger.harness import (
     distinct_ids_per_reservation,
     eventually,
     executor,
+    expiries,
     fold,
+    fold_tenants,
     ledger_idle,
     read_budget_stream,
     snapshot,
+    tenant_snapshot,
     wipe,
 )
 from tests.support.processes import ServiceProcess
@@ -51,6 +54,13 @@ async def assert_redis_is_the_fold_of_the_log(
             expected.committed_cents,
         ), run_id
         assert balances.committed_cents <= balances.cap_cents
+    tenants = {
+        key: (b.reserved_cents, b.committed_cents)
+        for key, b in (await tenant_snapshot(store)).items()
+    }
+    assert tenants == {
+        key: (f.reserved_cents, f.committed_cents) for key, f in fold_tenants(stream).items()
+    }
 
 
 async def test_replicas_racing_on_one_run_never_reserve_beyond_the_cap(
@@ -240,7 +250,8 @@ async def test_a_decision_applied_but_never_published_is_published_on_redelivery
 async def test_wiped_redis_is_rebuilt_identically_from_the_log(
     infra: InfraUrls, namespace: str, ledger_process: LedgerFactory, redis: Redis
 ) -> None:
-    ledger = ledger_process().start()
+    # A tenant cap the runs reach, so that tenant denials are part of what is rebuilt.
+    ledger = ledger_process(AOS_TENANT_CAP_CENTS="400", AOS_TENANT_PERIOD="day").start()
     store = BudgetStore(redis, namespace)
     rng = random.Random(11)
     runs = [uuid.uuid4() for _ in range(8)]
@@ -249,6 +260,14 @@ async def test_wiped_redis_is_rebuilt_identically_from_the_log(
         await publish_runs(ex, rng, runs)
         await eventually(lambda: ledger_idle(infra.nats_url, namespace), what="ledger idle")
         before = await snapshot(store)
+        tenants_before, expiries_before = await tenant_snapshot(store), await expiries(store)
+        assert len(tenants_before) == 1 and expiries_before
+        assert any(
+            e.exceeded_cap == "tenant"
+            for e in budget_events(
+                await read_budget_stream(infra.nats_url, namespace), "budget.denied"
+            )
+        )
         last_seq = len(await read_budget_stream(infra.nats_url, namespace))
         assert await store.applied_through() == last_seq
 
@@ -257,13 +276,17 @@ async def test_wiped_redis_is_rebuilt_identically_from_the_log(
         ledger.start()
 
         assert await snapshot(store) == before
+        assert await tenant_snapshot(store) == tenants_before
+        assert await expiries(store) == expiries_before
         assert await store.applied_through() == last_seq
 
-        # The rebuilt balances decide: exactly the rest of an open run fits, a cent more
-        # does not.
+        # The rebuilt balances decide: exactly the rest of an open run (or of its tenant,
+        # whichever is less) fits, a cent more does not.
         open_run = runs[1]
         balances = before[str(open_run)].balances
-        fits = await ex.request(open_run, "fits", balances.remaining_cents)
+        (tenant,) = tenants_before.values()
+        tenant_left = 400 - tenant.reserved_cents - tenant.committed_cents
+        fits = await ex.request(open_run, "fits", min(balances.remaining_cents, tenant_left))
         too_much = await ex.request(open_run, "too_much", 1)
         await eventually(lambda: ledger_idle(infra.nats_url, namespace), what="ledger idle")
     stream = await read_budget_stream(infra.nats_url, namespace)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import Redis
@@ -17,9 +18,15 @@ from aos_contracts import (
     RunCompleted,
     StepSucceeded,
 )
-from aos_ledger.service import committed_event, decision_event, opened_event, released_event
-from aos_ledger.store import BudgetNotOpen, BudgetStore, StoreNotRebuilt
-from tests.ledger.harness import TENANT, snapshot, wipe
+from aos_ledger.service import (
+    committed_event,
+    decision_event,
+    expired_event,
+    opened_event,
+    released_event,
+)
+from aos_ledger.store import BudgetNotOpen, BudgetStore, StoreNotRebuilt, epoch_ms
+from tests.ledger.harness import TENANT, expiries, snapshot, tenant_snapshot, wipe
 
 pytestmark = pytest.mark.integration
 
@@ -277,10 +284,13 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
     rng = random.Random(seed)
     published: list[EventEnvelope] = []
     try:
+        # Two tenants, one with a cap the runs reach; some grants expire at once, so
+        # expiry releases are part of what must be rebuilt.
         goals = [
-            GoalSubmitted(run_id=uuid.uuid4(), tenant=TENANT, goal="g", budget_cents=cap)
-            for cap in (0, 50, 100, 250)
+            GoalSubmitted(run_id=uuid.uuid4(), tenant=tenant, goal="g", budget_cents=cap)
+            for cap, tenant in ((0, TENANT), (50, "other"), (100, TENANT), (250, TENANT))
         ]
+        now_ms = epoch_ms(datetime.now(UTC))
         requests: list[BudgetReservationRequested] = []
         for _ in range(120):
             goal = rng.choice(goals)
@@ -295,7 +305,7 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
                     if redelivered
                     else BudgetReservationRequested(
                         run_id=goal.run_id,
-                        tenant=TENANT,
+                        tenant=goal.tenant,
                         reservation_id=uuid.uuid4(),
                         step_id=f"s{len(requests)}",
                         attempt=1,
@@ -311,15 +321,24 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
                         request.attempt,
                         request.amount_cents,
                         request.event_id,
+                        tenant_period=rng.choice(["day:2025-06-01", "day:2025-06-02"]),
+                        tenant_cap_cents=200 if request.tenant == TENANT else None,
+                        expires_at_ms=now_ms + rng.choice([-1, 3_600_000]),
                     )
                 except BudgetNotOpen:
                     continue
                 published.append(decision_event(request, change.reservation))
+                if rng.random() < 0.3:
+                    for run_id, rid in await live.due(now_ms):
+                        expired = await live.expire(run_id, rid, now_ms)
+                        if expired is not None:
+                            published.append(expired_event(expired))
+                            await live.expiry_published(run_id, rid)
             elif action < 0.85 and requests:
                 request = rng.choice(requests)
                 step = StepSucceeded(
                     run_id=request.run_id,
-                    tenant=TENANT,
+                    tenant=request.tenant,
                     step_id=request.step_id,
                     skill="llm_invoke",
                     attempt=1,
@@ -338,7 +357,7 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
                         published.append(decision_event(step, committed.reservation))
                     published.append(committed_event(step, committed.reservation))
             elif action >= 0.85 and goal is not goals[-1]:  # the last run never ends
-                completed = RunCompleted(run_id=goal.run_id, tenant=TENANT)
+                completed = RunCompleted(run_id=goal.run_id, tenant=goal.tenant)
                 for change in await live.release_all(goal.run_id, completed.type):
                     published.append(decision_event(completed, change.reservation))
                     published.append(released_event(completed, change.reservation))
@@ -350,7 +369,10 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
         live_state, rebuilt_state = await snapshot(live), await snapshot(rebuilt)
         assert live_state == rebuilt_state
         states = {r.state for s in live_state.values() for r in s.reservations.values()}
-        assert states >= {"reserved", "denied", "committed"}
+        assert states >= {"reserved", "denied", "committed", "released"}
+        assert any(getattr(e, "reason", None) == "expired" for e in published)
+        assert await tenant_snapshot(rebuilt) == await tenant_snapshot(live)
+        assert await expiries(rebuilt) == await expiries(live)
         # Replaying again (a replica rebuilding at the same time) changes nothing either.
         assert await rebuilt.replay(published) == 0
         assert await snapshot(rebuilt) == live_state

@@ -1,9 +1,11 @@
-"""The ledger service: budgets per run, in integer cents.
+"""The ledger service: budgets in integer cents, per run and per tenant per period.
 
 In: goal.submitted (opens the run's budget), budget.reservation_requested (reserve or
-deny), step.succeeded / step.failed (commit the actual cost, release the rest of the
+deny, against the run's cap and its tenant's cap for the current period),
+step.succeeded / step.failed (commit the actual cost, release the rest of the
 reservation), run.completed / run.failed / run.cancelled (release what is still held).
-Out: budget.opened, budget.reserved, budget.denied, budget.committed, budget.released.
+Out: budget.opened, budget.reserved, budget.denied, budget.committed, budget.released
+(also with reason "expired", by the expiry sweeper, for a reservation never committed).
 
 Every decision is made and applied to Redis by one Lua script, then published; the
 request is acknowledged only after the publish. A crash in between means the request is
@@ -18,9 +20,11 @@ one release in the log at most.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -43,11 +47,21 @@ from aos_contracts.events import (
     StepFailed,
     StepSucceeded,
     derive_event_id,
+    is_valid_tenant,
 )
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.subjects import goal_subject
 from aos_ledger.settings import LedgerSettings
-from aos_ledger.store import BudgetNotOpen, BudgetStore, Reservation, StoreNotRebuilt
+from aos_ledger.store import (
+    BudgetNotOpen,
+    BudgetStore,
+    Expired,
+    Reservation,
+    StoreNotRebuilt,
+    epoch_ms,
+    from_epoch_ms,
+    period_of,
+)
 from aos_plumbing import metrics
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
@@ -80,6 +94,15 @@ class LedgerService:
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
         self.http.backends = {"budget_store": "redis"}
         self.http.app.router.add_get("/budgets/runs/{run_id}", self._get_budget)
+        self.http.app.router.add_get("/budgets/tenants/{tenant}", self._get_tenant_budget)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def current_period(self) -> str:
+        return period_of(self.settings.tenant_period, self.now())
 
     async def start(self) -> None:
         self.bus = await EventBus.connect(
@@ -104,12 +127,18 @@ class LedgerService:
         ]
         for consumer in self.consumers:
             await consumer.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
         bus = self.bus
         self.http.add_check("nats", lambda: _true(bus.connected))
         self.http.add_check("redis", self.store.ping)
         await self.http.start()
 
     async def stop(self) -> None:
+        self._stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for consumer in self.consumers:
             await consumer.stop()
         await self.http.stop()
@@ -240,6 +269,11 @@ class LedgerService:
                 request.attempt,
                 request.amount_cents,
                 request.event_id,
+                tenant_period=self.current_period(),
+                tenant_cap_cents=self.settings.tenant_cap(request.tenant),
+                expires_at_ms=epoch_ms(
+                    self.now() + timedelta(seconds=self.settings.reservation_ttl_s)
+                ),
             ),
         )
         record = change.reservation
@@ -258,7 +292,11 @@ class LedgerService:
         change = await self._decide(
             step,
             lambda: self.store.commit(
-                step.run_id, step.reservation_id, step.step_id, step.cost_cents
+                step.run_id,
+                step.reservation_id,
+                step.step_id,
+                step.cost_cents,
+                tenant_period=self.current_period(),
             ),
         )
         if change is None:
@@ -285,6 +323,48 @@ class LedgerService:
                 BUDGET_CENTS.labels("released").inc(change.reservation.released_cents or 0)
         return events
 
+    # --- expiry ---------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.sweep_expired()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis or NATS blip: the next sweep tries again
+                log.exception("expiry sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.expiry_sweep_s)
+
+    async def sweep_expired(self) -> int:
+        """Release every reservation whose time has passed and publish the releases.
+
+        Replicas may sweep the same reservation at once: the Lua script releases it once,
+        and both publish the same event (same id), which JetStream keeps once. An expiry
+        applied but not published (a crash in between) stays noted in Redis and is
+        published by the next sweep of any replica. Returns how many it released now."""
+        now_ms = epoch_ms(self.now())
+        candidates = await self.store.unpublished_expiries()
+        candidates += await self.store.due(now_ms)
+        released = 0
+        for run_id, reservation_id in dict.fromkeys(candidates):
+            try:
+                expired = await self.store.expire(run_id, reservation_id, now_ms)
+            except StoreNotRebuilt:
+                log.warning("budget store has no marker (wiped?): rebuilding from the log")
+                await self.rebuild()
+                return released
+            if expired is None:
+                continue
+            await self._publish([*_decision_first_expired(expired), expired_event(expired)])
+            await self.store.expiry_published(run_id, reservation_id)
+            if expired.is_new:
+                released += 1
+                BUDGET_CENTS.labels("released").inc(expired.reservation.released_cents or 0)
+        if released:
+            log.info("released %d expired reservations", released)
+        return released
+
     async def _publish(self, events: Sequence[EventEnvelope]) -> None:
         assert self.bus is not None
         acks = await self.bus.publish_all(events)
@@ -292,6 +372,25 @@ class LedgerService:
             await self.store.mark_published(max(ack.seq for ack in acks))
 
     # --- http ---------------------------------------------------------------------------
+
+    async def _get_tenant_budget(self, request: web.Request) -> web.Response:
+        tenant = request.match_info["tenant"]
+        if not is_valid_tenant(tenant):
+            return web.json_response({"error": f"invalid tenant {tenant!r}"}, status=400)
+        period = request.query.get("period") or self.current_period()
+        balances = await self.store.tenant_balances(tenant, period)
+        cap = self.settings.tenant_cap(tenant)
+        spent = balances.reserved_cents + balances.committed_cents
+        return web.json_response(
+            {
+                "tenant": tenant,
+                "period": period,
+                "cap_cents": cap,
+                "reserved_cents": balances.reserved_cents,
+                "committed_cents": balances.committed_cents,
+                "remaining_cents": None if cap is None else cap - spent,
+            }
+        )
 
     async def _get_budget(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
@@ -328,24 +427,49 @@ def decision_event(source: EventEnvelope, record: Reservation) -> BudgetReserved
         "attempt": attempt,
         "amount_cents": record.amount_cents,
         "remaining_cents": remaining,
+        "tenant_period": record.tenant_period,
+        "tenant_cap_cents": record.tenant_cap_cents,
+        "tenant_remaining_cents": record.tenant_remaining_cents,
     }
     key = _reservation_key(source.run_id, record.reservation_id)
     cause = uuid.UUID(record.decided_for) if record.decided_for else source.event_id
     if record.decision == "reserved":
-        return _answer(source, BudgetReserved, key, "budget.decision", cause, **fields)
+        expires = None if record.expires_at_ms is None else from_epoch_ms(record.expires_at_ms)
+        return _answer(
+            source, BudgetReserved, key, "budget.decision", cause, expires_at=expires, **fields
+        )
     if record.denial_code == FailureCode.CANCELLED:
         error = Failure.of(
             FailureCode.CANCELLED,
             f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
             "cents after its run had ended",
         )
+    elif record.exceeded_cap == "tenant":
+        error = Failure.of(
+            FailureCode.BUDGET_EXCEEDED,
+            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
+            f"cents but tenant {source.tenant!r} has only {record.tenant_remaining_cents} "
+            f"cents left of its cap of {record.tenant_cap_cents} cents for "
+            f"{record.tenant_period} (tenant cap exceeded)",
+        )
     else:
         error = Failure.of(
             FailureCode.BUDGET_EXCEEDED,
             f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
-            f"cents but the run has only {remaining} cents left of its budget",
+            f"cents but the run has only {remaining} cents left of its budget "
+            "(run cap exceeded)",
         )
-    return _answer(source, BudgetDenied, key, "budget.decision", cause, error=error, **fields)
+    exceeded = record.exceeded_cap if record.denial_code == FailureCode.BUDGET_EXCEEDED else None
+    return _answer(
+        source,
+        BudgetDenied,
+        key,
+        "budget.decision",
+        cause,
+        error=error,
+        exceeded_cap=exceeded,
+        **fields,
+    )
 
 
 def committed_event(step: StepSucceeded | StepFailed, record: Reservation) -> BudgetCommitted:
@@ -359,6 +483,7 @@ def committed_event(step: StepSucceeded | StepFailed, record: Reservation) -> Bu
         reserved_cents=record.amount_cents,
         committed_cents=record.committed_cents or 0,
         released_cents=record.released_cents or 0,
+        tenant_period=record.tenant_period,
     )
 
 
@@ -374,7 +499,44 @@ def released_event(
         step_id=record.step_id,
         released_cents=record.released_cents or 0,
         reason=record.reason or terminal.type,
+        tenant_period=record.tenant_period,
     )
+
+
+def expired_event(expired: Expired) -> BudgetReleased:
+    """The release of an expired reservation. Its id is the one a run's end would give
+    the same release, so whichever comes first, the log holds one release."""
+    record = expired.reservation
+    key = _reservation_key(uuid.UUID(expired.run_id), record.reservation_id)
+    return BudgetReleased(
+        event_id=derive_event_id(key, "budget.released"),
+        run_id=uuid.UUID(expired.run_id),
+        tenant=expired.tenant,
+        causation_id=derive_event_id(key, "budget.decision"),
+        reservation_id=uuid.UUID(record.reservation_id),
+        step_id=record.step_id,
+        released_cents=record.released_cents or 0,
+        reason=record.reason or "expired",
+        tenant_period=record.tenant_period,
+    )
+
+
+def _decision_first_expired(expired: Expired) -> list[EventEnvelope]:
+    """As `_decision_first`, for a release with no event that caused it: the decision
+    is rebuilt from its record (same id, same cause) and published again just before."""
+    record = expired.reservation
+    if record.decided_for is None:
+        return []
+    source = BudgetReservationRequested(
+        event_id=uuid.UUID(record.decided_for),
+        run_id=uuid.UUID(expired.run_id),
+        tenant=expired.tenant,
+        reservation_id=uuid.UUID(record.reservation_id),
+        step_id=record.step_id,
+        attempt=record.attempt or 0,
+        amount_cents=record.amount_cents,
+    )
+    return [decision_event(source, record)]
 
 
 def _reservation_key(run_id: uuid.UUID, reservation_id: str) -> str:

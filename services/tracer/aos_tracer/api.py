@@ -3,6 +3,8 @@
 GET /runs?tenant=&status=&limit=     runs, newest first
 GET /runs/{run_id}?tenant=           one run: the run, its steps, its events
 GET /runs/{run_id}/timeline?tenant=  the same as readable text
+GET /runs/{run_id}/timeline.html     the same as an HTML page: steps as bars on a time axis
+GET /runs/{run_id}/golden            the run's canonical event sequence (golden-file JSON)
 GET /parked?limit=                   parked messages, newest first
 """
 
@@ -14,9 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from aos_contracts.events import is_valid_tenant
+from aos_tracer.golden import render_golden
 from aos_tracer.rows import RUN_STATUSES, RunRow
 from aos_tracer.store import TraceStore
 from aos_tracer.timeline import render_timeline
+from aos_tracer.timeline_html import render_timeline_html
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -34,6 +38,8 @@ class TraceApi:
         app.router.add_get("/runs", self.list_runs)
         app.router.add_get("/runs/{run_id}", self.get_run)
         app.router.add_get("/runs/{run_id}/timeline", self.get_timeline)
+        app.router.add_get("/runs/{run_id}/timeline.html", self.get_timeline_html)
+        app.router.add_get("/runs/{run_id}/golden", self.get_golden)
         app.router.add_get("/parked", self.list_parked)
 
     async def list_runs(self, request: web.Request) -> web.Response:
@@ -69,6 +75,22 @@ class TraceApi:
         steps = await self.store.run_steps(found.run_id)
         events = await self.store.run_events(found.run_id)
         return web.Response(text=render_timeline(found, steps, events), content_type="text/plain")
+
+    async def get_timeline_html(self, request: web.Request) -> web.Response:
+        found = await self._run(request)
+        if isinstance(found, web.Response):
+            return found
+        steps = await self.store.run_steps(found.run_id)
+        events = await self.store.run_events(found.run_id)
+        page = render_timeline_html(found, steps, events)
+        return web.Response(text=page, content_type="text/html")
+
+    async def get_golden(self, request: web.Request) -> web.Response:
+        found = await self._run(request)
+        if isinstance(found, web.Response):
+            return found
+        events = await self.store.run_events(found.run_id)
+        return web.Response(text=render_golden(events), content_type="application/json")
 
     async def list_parked(self, request: web.Request) -> web.Response:
         try:
