@@ -16,7 +16,7 @@ PACKAGES := contracts/aos_contracts \
 	cli/aos_cli
 MYPY_PATHS := $(PACKAGES) bench
 
-.PHONY: venv test lint format run bench schemas clean
+.PHONY: venv infra-tools test lint format run bench schemas clean
 
 venv: $(INSTALLED)
 
@@ -27,9 +27,17 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
 	touch $@
 
+# promtool, prometheus and alertmanager for tests/infra (Debian packages), when absent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+infra-tools:
+	@command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+		|| { $(SUDO) apt-get update -qq \
+		&& $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; } \
+		|| echo "infra-tools: could not install them; tests/infra will skip what needs them"
+
 # Servers: private ones on free ports, unless AOS_NATS_URL, AOS_POSTGRES_URL and
 # REDIS_URL all point at running ones (see tests/conftest.py).
-test: venv
+test: venv infra-tools
 	$(BIN)/python -m aos_contracts.generate --check
 	$(MAKE) --no-print-directory lint
 	@# pytest exits 5 when it collects no tests: not a failure for this build.

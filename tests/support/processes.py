@@ -27,6 +27,10 @@ _BACKEND_FLAGS = frozenset(
 )
 
 
+class PortTaken(Exception):
+    pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -53,6 +57,18 @@ class ServiceProcess:
         return self.log_dir / f"{self.name}.log"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
+        # A free port can be taken by another process between choosing and binding it;
+        # the service then exits at once, and it is started again on another port.
+        for _ in range(3):
+            self._spawn()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken:
+                self.port = free_port()
+        raise RuntimeError(f"{self.name}: no free port after 3 tries:\n{self.tail()}")
+
+    def _spawn(self) -> None:
         env = {
             # The developer's shell must not decide what a test runs on: no real Claude
             # key, no external-call policy, no planner backend leak into a service.
@@ -66,25 +82,28 @@ class ServiceProcess:
         }
         self.starts += 1
         log = self.log_path.open("ab")
-        log.write(f"\n--- start {self.starts} ---\n".encode())
+        log.write(f"\n--- start {self.starts} (port {self.port}) ---\n".encode())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"aos_{self.name}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.tail()}")
+                tail = self.tail()
+                if "address already in use" in tail.lower():
+                    raise PortTaken(self.port)
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{tail}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                response = httpx.get(f"{self.url}/readyz", timeout=1.0)
+                # Another process on this port would answer too: only our service counts.
+                if response.status_code == 200 and response.json().get("service") == self.name:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # Long enough to cover a client's retry of the same goal, and a service's re-publish of
 # a derived event after a crash and restart.
 DUPLICATE_WINDOW_S = 15 * 60.0
+# How often a consumer reports its lag (aos_consumer_pending_messages) while idle or busy.
+LAG_POLL_INTERVAL_S = 5.0
 
 
 @dataclass(slots=True)
@@ -260,6 +262,7 @@ class LogConsumer:
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _running: bool = field(default=False, init=False)
     _fetching: bool = field(default=False, init=False)
+    _lag_task: asyncio.Task[None] | None = field(default=None, init=False)
     last_batch_at: float = field(default=0.0, init=False)
 
     @property
@@ -307,11 +310,16 @@ class LogConsumer:
         if self._sub is None:
             await self.prepare()
         self._running = True
+        # Exported at 0 from the start, so an alert on increase() sees the first park.
+        metrics.PARKED.labels(self.bus.service, self.stream)
         self._task = asyncio.create_task(self._run(), name=f"consume-{self.stream}")
+        self._lag_task = asyncio.create_task(self._report_lag(), name=f"lag-{self.stream}")
 
     async def stop(self) -> None:
         """Stop fetching; the batch in hand is finished (and acked) first."""
         self._running = False
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self._task is not None:
             if self._fetching:
                 # Waiting for messages, holding none: nothing to finish.
@@ -323,6 +331,22 @@ class LogConsumer:
         if self._sub is not None:
             with contextlib.suppress(Exception):  # best effort on shutdown
                 await self._sub.unsubscribe()
+
+    async def report_lag(self) -> None:
+        """Export the consumer's lag from the server's view of it (what KEDA scales on)."""
+        info = await self.bus.js.consumer_info(self.stream, self.durable)
+        metrics.CONSUMER_PENDING.labels(self.bus.service, self.stream).set(info.num_pending or 0)
+        metrics.CONSUMER_ACK_PENDING.labels(self.bus.service, self.stream).set(
+            info.num_ack_pending or 0
+        )
+
+    async def _report_lag(self) -> None:
+        while self._running:
+            try:
+                await self.report_lag()
+            except Exception:  # a NATS blip; the next poll reports again
+                log.debug("%s: consumer_info failed", self.durable, exc_info=True)
+            await asyncio.sleep(LAG_POLL_INTERVAL_S)
 
     async def _run(self) -> None:
         assert self._sub is not None

@@ -48,6 +48,8 @@ class ServiceHttp:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat())
+        for role, backend in self.backends.items():
+            metrics.BACKEND_INFO.labels(self.service, role, backend).set(1)
         log.info("%s serving http on %s:%d", self.service, self.host, self.port)
 
     async def stop(self) -> None:

@@ -71,6 +71,16 @@ PARKED = counter(
 )
 CONSUMER_PENDING = gauge(
     "aos_consumer_pending_messages",
-    "messages in the stream not yet delivered to the consumer",
+    "JetStream consumer lag: messages in the stream not yet delivered to the consumer",
     ("service", "consumer"),
+)
+CONSUMER_ACK_PENDING = gauge(
+    "aos_consumer_ack_pending_messages",
+    "messages delivered to the consumer and not yet acknowledged",
+    ("service", "consumer"),
+)
+BACKEND_INFO = gauge(
+    "aos_backend_info",
+    "1 for each backend a service runs on (e.g. role=planner, backend=stub)",
+    ("service", "role", "backend"),
 )
