@@ -23,7 +23,14 @@ from pydantic import ValidationError
 
 from aos_cli.config import UserError
 from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
-from aos_contracts.events import TERMINAL_RUN_EVENTS, AnyEvent, GoalSubmitted, derive_event_id
+from aos_contracts.events import (
+    TERMINAL_RUN_EVENTS,
+    AnyEvent,
+    EventEnvelope,
+    GoalSubmitted,
+    RunCancelRequested,
+    derive_event_id,
+)
 from aos_contracts.subjects import goal_subject, run_subject, stream_name
 
 # Idempotency keys map to run ids in their own uuid5 namespace, per tenant: the same key
@@ -107,7 +114,7 @@ class RunWatcher:
     """A core NATS subscription to every event of one run, made before the goal is
     published so the terminal event cannot slip past in between."""
 
-    def __init__(self, nc: NatsClient, namespace: str, goal: GoalSubmitted) -> None:
+    def __init__(self, nc: NatsClient, namespace: str, goal: EventEnvelope) -> None:
         self.nc = nc
         self.subject = f"{namespace}.*.{goal.tenant}.{goal.run_id}"
         self.terminal: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
@@ -148,7 +155,7 @@ async def publish_goal(nc: NatsClient, namespace: str, goal: GoalSubmitted) -> b
     return bool(ack.duplicate)
 
 
-async def finished_event(nc: NatsClient, namespace: str, goal: GoalSubmitted) -> AnyEvent | None:
+async def finished_event(nc: NatsClient, namespace: str, goal: EventEnvelope) -> AnyEvent | None:
     """The run's terminal event if it is already in the log (a resubmitted goal)."""
     try:
         msg = await nc.jetstream().get_last_msg(
@@ -192,6 +199,39 @@ async def submit_goal(
                     f"(see `aos run show {goal.run_id}`)"
                 ) from exc
             return Submission(goal, duplicate, terminal)
+    finally:
+        await nc.close()
+
+
+async def cancel_run(
+    nats_url: str,
+    namespace: str,
+    request: RunCancelRequested,
+    *,
+    wait: bool,
+    wait_s: float = 60.0,
+) -> AnyEvent | None:
+    """Ask the executor to cancel a run; with `wait`, the run's terminal event (which is
+    not run.cancelled when the run had already ended)."""
+    nc = await connect(nats_url)
+    try:
+        async with RunWatcher(nc, namespace, request) as watcher:
+            done = await finished_event(nc, namespace, request)
+            if done is not None:
+                return done
+            subject = goal_subject(request.tenant, request.run_id, namespace)
+            try:
+                await nc.jetstream().publish(
+                    subject, encode_event(request), headers=event_headers(request), timeout=5.0
+                )
+            except nats.errors.NoRespondersError as exc:
+                raise UserError(f"NATS has no AOS event log for namespace {namespace!r}") from exc
+            if not wait:
+                return None
+            try:
+                return await asyncio.wait_for(watcher.terminal, wait_s)
+            except TimeoutError as exc:
+                raise UserError(f"run {request.run_id} did not end within {wait_s:g}s") from exc
     finally:
         await nc.close()
 

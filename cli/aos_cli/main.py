@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 from aos_cli import stubs, up
 from aos_cli.client import (
     build_goal,
+    cancel_run,
     get_golden,
     get_run,
     get_tenant_budget,
@@ -37,7 +38,7 @@ from aos_cli.client import (
 )
 from aos_cli.config import DEFAULT_DATA_DIR, UserError, load_config
 from aos_cli.render import describe_terminal, runs_table
-from aos_contracts.events import RunCompleted, is_valid_tenant
+from aos_contracts.events import RunCancelRequested, RunCompleted, is_valid_tenant
 
 EXIT_OK = 0
 EXIT_RUN_NOT_COMPLETED = 1
@@ -161,7 +162,7 @@ def build_parser() -> ArgumentParser:
     runs_cmd.add_argument("--json", action="store_true", help="print JSON")
     runs_cmd.set_defaults(handler=cmd_runs)
 
-    run_cmd = commands.add_parser("run", help="one run: show")
+    run_cmd = commands.add_parser("run", help="one run: show, cancel")
     run_commands = run_cmd.add_subparsers(dest="run_command", required=True, metavar="COMMAND")
     show = run_commands.add_parser(
         "show", parents=[common], help="a run's timeline: steps, durations, cents"
@@ -170,6 +171,17 @@ def build_parser() -> ArgumentParser:
     show.add_argument("--tenant", type=_tenant, help="only if the run belongs to this tenant")
     show.add_argument("--json", action="store_true", help="the run, steps and events as JSON")
     show.set_defaults(handler=cmd_run_show)
+
+    cancel = run_commands.add_parser(
+        "cancel", parents=[common], help="stop a run: no new steps, reservations released"
+    )
+    cancel.add_argument("run_id", type=_run_id, metavar="RUN_ID")
+    cancel.add_argument("--tenant", type=_tenant, required=True, help="the run's tenant")
+    cancel.add_argument("--reason", default="cancelled by user")
+    cancel.add_argument("--wait", action="store_true", help="wait for the run to end")
+    cancel.add_argument("--timeout", type=_positive_float, default=60.0, metavar="SECONDS")
+    cancel.add_argument("--json", action="store_true", help="print the run's end as JSON")
+    cancel.set_defaults(handler=cmd_run_cancel)
 
     plan_cmd = commands.add_parser("plan", help="plans: simulate")
     plan_commands = plan_cmd.add_subparsers(dest="plan_command", required=True, metavar="COMMAND")
@@ -287,6 +299,25 @@ def cmd_run_show(args: argparse.Namespace) -> int:
     else:
         print(get_timeline(tracer, args.run_id, args.tenant).rstrip("\n"))
     return EXIT_OK
+
+
+def cmd_run_cancel(args: argparse.Namespace) -> int:
+    """Exit 0 when the cancel was sent (and, with --wait, the run ended cancelled)."""
+    config = load_config(args.data_dir)
+    request = RunCancelRequested(run_id=args.run_id, tenant=args.tenant, reason=args.reason)
+    end = asyncio.run(
+        cancel_run(
+            config.require_nats(), config.namespace, request, wait=args.wait, wait_s=args.timeout
+        )
+    )
+    if end is None:
+        print(f"cancel requested for run {args.run_id}")
+        return EXIT_OK
+    if args.json:
+        print(end.model_dump_json())
+    else:
+        print(f"run {args.run_id} ended: {end.type}")
+    return EXIT_OK if end.type == "run.cancelled" else EXIT_RUN_NOT_COMPLETED
 
 
 def cmd_plan_simulate(args: argparse.Namespace) -> int:
