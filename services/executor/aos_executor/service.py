@@ -86,7 +86,7 @@ STEP_SECONDS = metrics.histogram(
 RUNS = metrics.counter("aos_runs_total", "finished runs by terminal status", ("status",))
 ACTIVE_RUNS = metrics.gauge("aos_executor_active_runs", "runs in progress in this executor")
 
-# Events that create a run in the executor's memory; others for an unknown run wait.
+# What the executor acts on; everything else in its input streams is someone else's.
 _RELEVANT = (*OPENING, BudgetReserved, BudgetDenied)
 # An unsafe call's claim outlives its timeout by this much, so a live call never loses it.
 CLAIM_MARGIN_S = 5.0
