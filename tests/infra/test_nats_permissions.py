@@ -167,6 +167,9 @@ async def test_a_tenant_cannot_read_another_tenants_runs(connect, secured_nats: 
     await asyncio.wait_for(acme.violation("aos.runs.globex.>"), 10)
     await asyncio.wait_for(acme.violation('"aos.runs.>"'), 10)
     theirs = await globex.nc.subscribe("aos.runs.globex.>")
+    # The server must have both subscriptions before anything is published.
+    await globex.nc.flush()
+    await acme.nc.flush()
 
     await executor.nc.publish("aos.runs.globex.r1", b"globex's run")
     await executor.nc.publish("aos.runs.acme.r2", b"acme's run")
