@@ -45,6 +45,9 @@ def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> It
                 # The executor's tables share the test database with the tracer's.
                 "AOS_EXECUTOR_DATABASE_URL": database,
                 "AOS_CHECKPOINT_INTERVAL_S": "1",
+                # Idempotency claims and the active-executor lease, namespaced per test.
+                "REDIS_URL": infra.redis_url,
+                "AOS_EXECUTOR_LEASE_TTL_S": "3",
             },
             log_dir,
         ),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -35,6 +37,7 @@ from aos_contracts.events import (
     BudgetDenied,
     BudgetReserved,
     EventEnvelope,
+    RunCancelRequested,
     StepFailed,
     StepStarted,
     StepSucceeded,
@@ -43,6 +46,7 @@ from aos_contracts.events import (
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.progress import StepProgress, progress_subject
 from aos_contracts.skills import SideEffect
+from aos_executor.cancel_auth import cancel_refusal, is_refused_cancel
 from aos_executor.checkpoints import (
     OPENING,
     Book,
@@ -56,6 +60,7 @@ from aos_executor.idempotency import (
     InMemoryIdempotencyStore,
     RedisIdempotencyStore,
 )
+from aos_executor.lease import Lease, open_lease
 from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
 from aos_executor.runs import RunState, StepState, StepStatus
@@ -69,8 +74,10 @@ from aos_executor.skills import (
     close_registry,
 )
 from aos_plumbing import metrics
+from aos_plumbing.auth import Authenticator
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
+from aos_plumbing.reachability import AnthropicProbe
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,8 @@ class ExecutorService:
             else InMemoryIdempotencyStore()
         )
         self.checkpoint_task: asyncio.Task[None] | None = None
+        self.activation: asyncio.Task[None] | None = None
+        self.lease: Lease = open_lease(settings.redis_url, settings.namespace, settings.lease_ttl_s)
         self.locks: dict[uuid.UUID, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.backoffs: set[tuple[uuid.UUID, str]] = set()
@@ -117,10 +126,17 @@ class ExecutorService:
         # Replay is pure (recorded decisions and outputs in, differences out): it needs
         # none of this executor's state, and calls nothing.
         self.http.app.router.add_post("/replay", _replay_request)
+        self.auth = Authenticator.from_settings(settings)
         self.http.backends = {
             f"skill:{name}": "stub" if skill.is_stub else skill.backend
             for name, skill in self.skills.items()
         }
+        self.http.backends |= {"auth": self.auth.mode, "rbac": self.auth.rbac_mode}
+        if settings.anthropic_api_key is not None:  # llm_invoke runs on Claude
+            probe = AnthropicProbe(
+                settings.anthropic_api_key.get_secret_value(), settings.anthropic_base_url
+            )
+            self.http.add_check("anthropic", probe.check)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -136,6 +152,37 @@ class ExecutorService:
         self.checkpoints = await open_store(self.settings.database_url)
         self.http.backends["checkpoints"] = self.checkpoints.name
         self.http.backends["idempotency"] = self.idempotency.name
+        self.http.backends["lease"] = self.lease.name
+        self.http.backends["role"] = "standby"
+        if not isinstance(self.checkpoints, NoCheckpoints):
+            self.http.add_check("postgres", self.checkpoints.ping)
+        bus = self.bus
+        self.http.add_check("nats", lambda: _const(bus.connected))
+        # A standby is alive and ready (it serves /replay, and a rollout must not wait on
+        # it); it becomes active when it gets the lease.
+        await self.http.start()
+        self.activation = asyncio.create_task(self._activate(), name="executor-activation")
+
+    async def _activate(self) -> None:
+        """Wait for the lease, then run everything until the lease is lost."""
+        try:
+            await self.lease.acquire()
+            await self._become_active()
+            await self.lease.hold()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("executor failed to become or stay active")
+        if self.running:
+            # Lost the lease (or failed to start): stop cleanly and let the orchestrator
+            # restart this process as a standby. Carrying on could run what another
+            # executor now runs.
+            log.error("executor stops: no longer the active replica")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _become_active(self) -> None:
+        assert self.bus is not None
+        self.http.backends["role"] = "active"
         await self.rebuild()
         handler = per_run(self.handle)
         self.consumers = [
@@ -149,15 +196,13 @@ class ExecutorService:
                 await self._drive(state)
         if not isinstance(self.checkpoints, NoCheckpoints):
             self.checkpoint_task = asyncio.create_task(self._checkpoint_periodically())
-            self.http.add_check("postgres", self.checkpoints.ping)
-        bus = self.bus
-        self.http.add_check("nats", lambda: _const(bus.connected))
-        await self.http.start()
 
     async def stop(self) -> None:
+        self.running = False
+        if self.activation is not None and not self.activation.done():
+            self.activation.cancel()
         for consumer in self.consumers:
             await consumer.stop()
-        self.running = False
         if self.tasks:
             # In-flight steps get a grace period to finish and publish their results;
             # what does not finish is resumed from the log by the next executor.
@@ -170,6 +215,9 @@ class ExecutorService:
             await self.bus.close()
         await self.checkpoints.close()
         await self.idempotency.close()
+        # Last, after every result is published: a standby may take over right away.
+        await self.lease.release()
+        await self.lease.close()
 
     async def rebuild(self) -> None:
         """The last checkpoint, plus every event of the log after it (plans, own events,
@@ -193,6 +241,8 @@ class ExecutorService:
     async def _read_log(self, context: str, start_seq: int) -> AsyncIterator[tuple[int, bytes]]:
         assert self.bus is not None
         async for seq, msg in self.bus.replay(context, start_seq=start_seq):
+            if context == "goals" and is_refused_cancel(self.auth, msg):
+                continue  # parked when it arrived; never applied
             yield seq, msg.data
 
     async def _checkpoint_periodically(self) -> None:
@@ -226,6 +276,20 @@ class ExecutorService:
         event = delivery.event
         if not isinstance(event, _RELEVANT):
             return
+        if isinstance(event, RunCancelRequested):
+            known = self.runs.get(event.run_id)
+            tenant = known.tenant if known else None
+            refused = cancel_refusal(self.auth, delivery.msg, event, tenant)
+            if refused is not None:
+                assert self.bus is not None
+                reason = f"cancel refused ({refused.code}): {refused.reason}"
+                await self.bus.park(
+                    delivery.msg,
+                    reason,
+                    stream_seq=delivery.stream_seq,
+                    num_delivered=delivery.num_delivered,
+                )
+                return
         async with self._lock(event.run_id):
             state = self._fold(event)
             if state is not None:

@@ -20,6 +20,12 @@ class ExecutorSettings(CommonSettings):
         alias="REDIS_URL",
         description="idempotency claims of unsafe steps; unset: in memory (one process only)",
     )
+    lease_ttl_s: float = Field(
+        default=10.0,
+        alias="AOS_EXECUTOR_LEASE_TTL_S",
+        gt=0,
+        description="how long a crashed active executor blocks a standby from taking over",
+    )
     idempotency_ttl_s: float = Field(
         default=24 * 3600.0,
         alias="AOS_IDEMPOTENCY_TTL_S",
