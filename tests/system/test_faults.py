@@ -9,6 +9,7 @@ and the stores must show each thing happening exactly once.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 
 import httpx
@@ -84,3 +85,34 @@ async def test_sigkill_mid_run_loses_nothing_and_applies_nothing_twice(
     for run_id, count in logged.items():
         assert len(traced[run_id]) == count, run_id
         assert len(set(traced[run_id])) == count, f"{run_id} has duplicate trace rows"
+
+
+async def test_the_executor_killed_at_random_points_loses_and_repeats_nothing(
+    system: System,
+) -> None:
+    """Kill -9 the executor three times at random moments while runs flow, restarting it
+    each time; every run completes, and the log shows each step succeeded once, each
+    reservation asked for once and each run ended once."""
+    seed = random.randrange(1_000_000)
+    chooser = random.Random(seed)
+    ns = system.namespace
+    submitted: list[str] = []
+    async with connected(system.nats_url) as nc, RunWatcher(nc, ns) as watcher:
+        for _ in range(3):
+            submitted += [
+                await submit_goal(nc, ns, f"bench {STEPS}", budget_cents=10) for _ in range(10)
+            ]
+            await asyncio.sleep(chooser.uniform(0.0, 0.4))
+            system.executor.kill()
+            await asyncio.to_thread(system.executor.start)
+        ends = await watcher.wait(submitted, within_s=120)
+        runs = await read_stream(nc, ns, "runs")
+    assert Counter(end["type"] for end in ends.values()) == {"run.completed": len(submitted)}, seed
+    per_step = Counter((e["run_id"], e["step_id"]) for e in runs if e["type"] == "step.succeeded")
+    assert len(per_step) == len(submitted) * STEPS and set(per_step.values()) == {1}, seed
+    requests = Counter(
+        e["reservation_id"] for e in runs if e["type"] == "budget.reservation_requested"
+    )
+    assert set(requests.values()) == {1}, seed
+    ended = Counter(e["run_id"] for e in runs if e["type"] == "run.completed")
+    assert set(ended.values()) == {1}, seed
