@@ -138,12 +138,22 @@ class RunWatcher:
             self.terminal.set_result(event)
 
 
-async def publish_goal(nc: NatsClient, namespace: str, goal: GoalSubmitted) -> bool:
+def _headers(event: EventEnvelope, token: str | None) -> dict[str, str]:
+    """The event's headers, plus `Authorization: Bearer` when a token is given."""
+    headers = event_headers(event)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+async def publish_goal(
+    nc: NatsClient, namespace: str, goal: GoalSubmitted, token: str | None = None
+) -> bool:
     """Publish on the tenant's goal subject; True when JetStream saw it before."""
     subject = goal_subject(goal.tenant, goal.run_id, namespace)
     try:
         ack = await nc.jetstream().publish(
-            subject, encode_event(goal), headers=event_headers(goal), timeout=5.0
+            subject, encode_event(goal), headers=_headers(goal, token), timeout=5.0
         )
     except nats.errors.NoRespondersError as exc:
         raise UserError(
@@ -179,14 +189,15 @@ async def submit_goal(
     *,
     wait: bool,
     wait_s: float = 60.0,
+    token: str | None = None,
 ) -> Submission:
     nc = await connect(nats_url)
     try:
         if not wait:
-            duplicate = await publish_goal(nc, namespace, goal)
+            duplicate = await publish_goal(nc, namespace, goal, token)
             return Submission(goal, duplicate)
         async with RunWatcher(nc, namespace, goal) as watcher:
-            duplicate = await publish_goal(nc, namespace, goal)
+            duplicate = await publish_goal(nc, namespace, goal, token)
             if goal.idempotency_key:
                 done = await finished_event(nc, namespace, goal)
                 if done is not None:
@@ -210,6 +221,7 @@ async def cancel_run(
     *,
     wait: bool,
     wait_s: float = 60.0,
+    token: str | None = None,
 ) -> AnyEvent | None:
     """Ask the executor to cancel a run; with `wait`, the run's terminal event (which is
     not run.cancelled when the run had already ended)."""
@@ -222,7 +234,7 @@ async def cancel_run(
             subject = goal_subject(request.tenant, request.run_id, namespace)
             try:
                 await nc.jetstream().publish(
-                    subject, encode_event(request), headers=event_headers(request), timeout=5.0
+                    subject, encode_event(request), headers=_headers(request, token), timeout=5.0
                 )
             except nats.errors.NoRespondersError as exc:
                 raise UserError(f"NATS has no AOS event log for namespace {namespace!r}") from exc
@@ -239,13 +251,29 @@ async def cancel_run(
 # --- the tracer's HTTP API --------------------------------------------------------------
 
 
-def tracer_get(base_url: str, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+def tracer_get(
+    base_url: str, path: str, params: dict[str, str] | None = None, token: str | None = None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return httpx.get(f"{base_url}{path}", params=params, timeout=10.0)
+        response = httpx.get(f"{base_url}{path}", params=params, headers=headers, timeout=10.0)
     except httpx.HTTPError as exc:
         raise UserError(
             f"cannot reach the tracer at {base_url}: is AOS running? (start it with `aos up`)"
         ) from exc
+    _refused(response)
+    return response
+
+
+def _refused(response: httpx.Response) -> None:
+    """401/403 from the tracer (JWT_VERIFY_SIGNATURE / RBAC_ENFORCE on): say why."""
+    if response.status_code in (401, 403):
+        try:
+            reason = response.json().get("error", "")
+        except (json.JSONDecodeError, AttributeError):
+            reason = response.text[:200]
+        hint = " (pass --token or set AOS_TOKEN)" if response.status_code == 401 else ""
+        raise UserError(f"the tracer refused the request: {reason}{hint}")
 
 
 def tracer_json(response: httpx.Response, what: str) -> dict[str, Any]:
@@ -264,26 +292,36 @@ def tracer_json(response: httpx.Response, what: str) -> dict[str, Any]:
 
 
 def list_runs(
-    tracer_url: str, *, tenant: str | None, status: str | None, limit: int
+    tracer_url: str,
+    *,
+    tenant: str | None,
+    status: str | None,
+    limit: int,
+    token: str | None = None,
 ) -> list[dict[str, Any]]:
     params = {"limit": str(limit)}
     if tenant:
         params["tenant"] = tenant
     if status:
         params["status"] = status
-    body = tracer_json(tracer_get(tracer_url, "/runs", params), "runs")
+    body = tracer_json(tracer_get(tracer_url, "/runs", params, token), "runs")
     runs = body.get("runs", [])
     return [run for run in runs if isinstance(run, dict)]
 
 
-def get_run(tracer_url: str, run_id: uuid.UUID, tenant: str | None = None) -> dict[str, Any]:
+def get_run(
+    tracer_url: str, run_id: uuid.UUID, tenant: str | None = None, token: str | None = None
+) -> dict[str, Any]:
     params = {"tenant": tenant} if tenant else None
-    return tracer_json(tracer_get(tracer_url, f"/runs/{run_id}", params), f"run {run_id}")
+    response = tracer_get(tracer_url, f"/runs/{run_id}", params, token)
+    return tracer_json(response, f"run {run_id}")
 
 
-def get_timeline(tracer_url: str, run_id: uuid.UUID, tenant: str | None = None) -> str:
+def get_timeline(
+    tracer_url: str, run_id: uuid.UUID, tenant: str | None = None, token: str | None = None
+) -> str:
     params = {"tenant": tenant} if tenant else None
-    response = tracer_get(tracer_url, f"/runs/{run_id}/timeline", params)
+    response = tracer_get(tracer_url, f"/runs/{run_id}/timeline", params, token)
     if response.status_code == 404:
         raise UserError(f"unknown run {run_id}")
     if response.status_code >= 400:
@@ -328,9 +366,9 @@ def get_tenant_budget(ledger_url: str, tenant: str, period: str | None = None) -
     return body
 
 
-def get_golden(tracer_url: str, run_id: uuid.UUID) -> str:
+def get_golden(tracer_url: str, run_id: uuid.UUID, token: str | None = None) -> str:
     """The run's canonical event sequence (the golden-file text) from the tracer."""
-    response = tracer_get(tracer_url, f"/runs/{run_id}/golden")
+    response = tracer_get(tracer_url, f"/runs/{run_id}/golden", token=token)
     if response.status_code == 404:
         raise UserError(f"unknown run {run_id}")
     if response.status_code >= 400:

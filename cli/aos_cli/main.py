@@ -5,6 +5,7 @@
     aos runs [--tenant T] [--status S] [--json]
     aos run show RUN_ID [--json]
     aos stubs [--json]
+    aos doctor [--json]
 
 A user mistake ends in one line on stderr (`aos: error: ...`) and a non-zero exit code;
 set AOS_DEBUG=1 to see the traceback of an unexpected failure.
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from aos_cli import stubs, up
+from aos_cli import doctor, stubs, up
 from aos_cli.client import (
     build_goal,
     cancel_run,
@@ -115,6 +116,12 @@ def build_parser() -> ArgumentParser:
         type=Path,
         default=DEFAULT_DATA_DIR,
         help="folder of `aos up`: servers' data, logs, state.json (default: .aos)",
+    )
+    common.add_argument(
+        "--token",
+        default=None,
+        metavar="JWT",
+        help="bearer token sent with goals, cancels and trace reads (default: $AOS_TOKEN)",
     )
 
     parser = ArgumentParser(
@@ -234,10 +241,24 @@ def build_parser() -> ArgumentParser:
     )
     stubs_cmd.add_argument("--json", action="store_true", help="print JSON")
     stubs_cmd.set_defaults(handler=stubs.run_stubs)
+
+    doctor_cmd = commands.add_parser(
+        "doctor",
+        parents=[common],
+        help="every service's health and readiness, NATS and the streams; exit 1 if not ready",
+    )
+    doctor_cmd.add_argument("--json", action="store_true", help="print JSON")
+    doctor_cmd.set_defaults(handler=doctor.run_doctor)
     return parser
 
 
 # --- commands ---------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The JWT to send: --token, else $AOS_TOKEN (needed when JWT_VERIFY_SIGNATURE or
+    RBAC_ENFORCE is on)."""
+    return getattr(args, "token", None) or os.environ.get("AOS_TOKEN") or None
 
 
 def cmd_goal_submit(args: argparse.Namespace) -> int:
@@ -251,7 +272,12 @@ def cmd_goal_submit(args: argparse.Namespace) -> int:
     )
     submission = asyncio.run(
         submit_goal(
-            config.require_nats(), config.namespace, goal, wait=args.wait, wait_s=args.timeout
+            config.require_nats(),
+            config.namespace,
+            goal,
+            wait=args.wait,
+            wait_s=args.timeout,
+            token=_token(args),
         )
     )
     if submission.terminal is None:
@@ -281,7 +307,9 @@ def cmd_goal_submit(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     tracer = load_config(args.data_dir).require_tracer()
-    runs = list_runs(tracer, tenant=args.tenant, status=args.status, limit=args.limit)
+    runs = list_runs(
+        tracer, tenant=args.tenant, status=args.status, limit=args.limit, token=_token(args)
+    )
     if args.json:
         print(json.dumps({"runs": runs}))
         return EXIT_OK
@@ -295,9 +323,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_run_show(args: argparse.Namespace) -> int:
     tracer = load_config(args.data_dir).require_tracer()
     if args.json:
-        print(json.dumps(get_run(tracer, args.run_id, args.tenant)))
+        print(json.dumps(get_run(tracer, args.run_id, args.tenant, _token(args))))
     else:
-        print(get_timeline(tracer, args.run_id, args.tenant).rstrip("\n"))
+        print(get_timeline(tracer, args.run_id, args.tenant, _token(args)).rstrip("\n"))
     return EXIT_OK
 
 
@@ -307,7 +335,12 @@ def cmd_run_cancel(args: argparse.Namespace) -> int:
     request = RunCancelRequested(run_id=args.run_id, tenant=args.tenant, reason=args.reason)
     end = asyncio.run(
         cancel_run(
-            config.require_nats(), config.namespace, request, wait=args.wait, wait_s=args.timeout
+            config.require_nats(),
+            config.namespace,
+            request,
+            wait=args.wait,
+            wait_s=args.timeout,
+            token=_token(args),
         )
     )
     if end is None:
@@ -338,7 +371,7 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit 0 when every decision replays the same, 1 when one differs."""
     config = load_config(args.data_dir)
-    run = get_run(config.require_tracer(), args.run_id)
+    run = get_run(config.require_tracer(), args.run_id, token=_token(args))
     executor = config.service_urls.get("executor")
     if not executor:
         raise UserError("no executor URL: is AOS running? (set AOS_EXECUTOR_URL or `aos up`)")
@@ -373,7 +406,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
 
 
 def cmd_golden_record(args: argparse.Namespace) -> int:
-    golden = get_golden(load_config(args.data_dir).require_tracer(), args.run_id)
+    golden = get_golden(load_config(args.data_dir).require_tracer(), args.run_id, _token(args))
     try:
         args.file.write_text(golden)
     except OSError as exc:
@@ -384,7 +417,7 @@ def cmd_golden_record(args: argparse.Namespace) -> int:
 
 def cmd_golden_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the run matches the golden file, 1 (with a unified diff) when not."""
-    actual = get_golden(load_config(args.data_dir).require_tracer(), args.run_id)
+    actual = get_golden(load_config(args.data_dir).require_tracer(), args.run_id, _token(args))
     try:
         expected = args.file.read_text()
     except OSError as exc:

@@ -89,8 +89,10 @@ def env_flags(env: Mapping[str, str]) -> list[Flag]:
         Flag(
             "JWT_VERIFY_SIGNATURE",
             str(jwt).lower(),
-            "JWT signatures verified" if jwt else "JWT signatures not verified",
-            False,
+            "JWT on goals, cancels and trace reads: signature, expiry, audience verified"
+            if jwt
+            else "auth stub: tokens neither required nor verified",
+            not jwt,
         ),
     ]
 

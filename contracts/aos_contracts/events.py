@@ -208,6 +208,9 @@ class RunCompleted(EventEnvelope):
         default_factory=dict, description="output of every step no other step depends on"
     )
     cost_cents: int = 0
+    skipped_steps: list[str] = Field(
+        default_factory=list, description="optional steps the budget did not allow"
+    )
 
 
 class RunFailed(EventEnvelope):

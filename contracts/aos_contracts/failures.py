@@ -21,6 +21,8 @@ class FailureCode(StrEnum):
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
     EXTERNAL_CALLS_DISABLED = "EXTERNAL_CALLS_DISABLED"
     CANCELLED = "CANCELLED"
+    UNAUTHORIZED = "UNAUTHORIZED"  # no valid token: missing, bad signature, expired, ...
+    FORBIDDEN = "FORBIDDEN"  # a valid token that may not do this (tenant, role)
 
 
 # Whether trying the same thing again may succeed. A retryable failure is retried by the
@@ -39,6 +41,8 @@ RETRYABLE: dict[FailureCode, bool] = {
     FailureCode.CIRCUIT_OPEN: True,
     FailureCode.EXTERNAL_CALLS_DISABLED: False,
     FailureCode.CANCELLED: False,
+    FailureCode.UNAUTHORIZED: False,
+    FailureCode.FORBIDDEN: False,
 }
 
 

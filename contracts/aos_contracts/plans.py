@@ -26,6 +26,11 @@ class PlanStep(BaseModel):
     depends_on: list[str] = Field(default_factory=list)
     max_attempts: Annotated[int, Field(ge=1, le=10)] | None = None
     timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    optional: bool = Field(
+        default=False,
+        description="when the budget denies this step, skip it (and the optional steps that "
+        "depend on it) and go on, instead of failing the run",
+    )
 
 
 class Plan(BaseModel):

@@ -233,3 +233,84 @@ def test_terminal_run_decides_nothing_more() -> None:
     state, _ = start()
     state.apply(state._terminal(RunCancelled, reason="x"))  # type: ignore[arg-type]
     assert state.next_actions() == ([], [])
+
+
+def optional_plan() -> Plan:
+    """a -> (extra, optional) -> (polish, optional); a -> b (required)."""
+    merge = {"op": "merge", "inputs": [{"k": 1}]}
+    return Plan(
+        steps=[
+            PlanStep(id="a", skill="json_transform", params=merge),
+            PlanStep(
+                id="extra",
+                skill="llm_invoke",
+                params={"prompt": "x"},
+                depends_on=["a"],
+                optional=True,
+            ),
+            PlanStep(
+                id="polish",
+                skill="json_transform",
+                params=merge,
+                depends_on=["extra"],
+                optional=True,
+            ),
+            PlanStep(id="b", skill="json_transform", params=merge, depends_on=["a"]),
+        ]
+    )
+
+
+def deny(state: RunState, step_id: str) -> None:
+    state.apply(
+        BudgetDenied(
+            run_id=state.run_id,
+            tenant="acme",
+            reservation_id=reservation_id(state.run_id, step_id, 1),
+            step_id=step_id,
+            attempt=1,
+            amount_cents=50,
+            remaining_cents=1,
+            error=Failure.of(FailureCode.BUDGET_EXCEEDED, "50 > 1"),
+        )
+    )
+
+
+def test_a_denied_optional_step_is_skipped_with_its_optional_dependents_and_the_run_completes() -> (
+    None
+):
+    state, _ = start(optional_plan())
+    state.apply(reserved_for(state, "a"))
+    succeed(state, "a", {"k": 1})
+    deny(state, "extra")
+    assert state.steps["extra"].status is StepStatus.SKIPPED
+    assert state.steps["polish"].status is StepStatus.SKIPPED
+    state.apply(reserved_for(state, "b"))
+    succeed(state, "b", {"k": 1})
+    events, _ = state.next_actions()
+    valid(events)
+    completed = events[0]
+    assert isinstance(completed, RunCompleted)
+    assert completed.skipped_steps == ["extra", "polish"]
+    assert completed.outputs == {"b": {"k": 1}}
+
+
+def test_a_required_step_that_needs_a_skipped_step_fails_the_run() -> None:
+    plan = Plan(
+        steps=[
+            PlanStep(id="extra", skill="llm_invoke", params={"prompt": "x"}, optional=True),
+            PlanStep(
+                id="use",
+                skill="json_transform",
+                params={"op": "merge", "inputs": []},
+                depends_on=["extra"],
+            ),
+        ]
+    )
+    state, _ = start(plan)
+    deny(state, "extra")
+    events, _ = state.next_actions()
+    failed = events[0]
+    assert isinstance(failed, RunFailed)
+    assert failed.error.code is FailureCode.BUDGET_EXCEEDED
+    assert failed.failed_step_id == "use"
+    assert "optional step 'extra', which was skipped" in failed.error.message

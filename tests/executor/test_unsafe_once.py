@@ -65,10 +65,7 @@ async def test_two_replicas_running_the_same_step_call_the_effect_once(
     effect = CountingEffect(delay_s=0.3)
     key = f"{uuid.uuid4()}:fetch"
     results = await asyncio.gather(
-        *(
-            service.call_skill(effect, PARAMS, context(), key=key, limit_s=5)
-            for service in replicas
-        )
+        *(service.call_skill(effect, PARAMS, context(), key=key, limit_s=5) for service in replicas)
     )
     assert effect.calls == 1
     assert [r.output for r in results] == [{"status": 201, "call": 1}] * 2

@@ -148,7 +148,7 @@ def test_http_reports_readiness_backends_and_unknown_runs(
     ready = httpx.get(f"{ledger.url}/readyz", timeout=5.0).json()
     assert ready["ready"] is True
     assert ready["checks"] == {"nats": True, "redis": True}
-    assert ready["backends"] == {"budget_store": "redis"}
+    assert ready["backends"] == {"budget_store": "redis", "auth": "stub", "rbac": "off"}
 
     unknown = get_budget(ledger.url, uuid.uuid4())
     assert unknown.status_code == 404

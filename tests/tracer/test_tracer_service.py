@@ -200,7 +200,7 @@ async def test_readiness_names_the_trace_backend(
     infra: InfraUrls, namespace: str, log_dir: Path, api: httpx.AsyncClient
 ) -> None:
     ready = (await api.get("/readyz")).json()
-    assert ready["backends"] == {"traces": "postgres"}
+    assert ready["backends"] == {"traces": "postgres", "auth": "stub", "rbac": "off"}
     assert ready["checks"] == {"nats": True, "postgres": True}
 
     env = {"AOS_NATS_URL": infra.nats_url, "AOS_NAMESPACE": namespace}
@@ -212,5 +212,5 @@ async def test_readiness_names_the_trace_backend(
             ready = (await client.get("/readyz")).json()
     finally:
         memory.stop()
-    assert ready["backends"] == {"traces": "memory"}
+    assert ready["backends"] == {"traces": "memory", "auth": "stub", "rbac": "off"}
     assert ready["checks"] == {"nats": True, "memory": True}

@@ -48,6 +48,7 @@ class StepStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # failed for good (non-retryable or out of attempts)
     DENIED = "denied"  # the ledger said no
+    SKIPPED = "skipped"  # optional, and the budget (or a skipped dependency) said no
 
 
 @dataclass
@@ -123,6 +124,8 @@ class RunState:
             ):
                 if isinstance(event, BudgetReserved):
                     state.status = StepStatus.RESERVED
+                elif state.step.optional:
+                    self._skip(state, event.error)
                 else:
                     state.status = StepStatus.DENIED
                     state.failure = event.error
@@ -162,6 +165,24 @@ class RunState:
                     state.attempt = event.attempt
                     state.status = StepStatus.FAILED
 
+    def _skip(self, skipped: StepState, reason: Failure) -> None:
+        """Skip an optional step the budget denied, and everything that needs its output:
+        optional dependents are skipped too; a required one cannot run, so it fails."""
+        skipped.status = StepStatus.SKIPPED
+        skipped.failure = reason
+        for state in self.steps.values():
+            if skipped.step.id not in state.step.depends_on or state.status not in _OPEN:
+                continue
+            if state.step.optional:
+                self._skip(state, reason)
+            else:
+                state.status = StepStatus.DENIED
+                state.failure = Failure.of(
+                    reason.code,
+                    f"needs the output of optional step {skipped.step.id!r}, which was skipped: "
+                    f"{reason.message}",
+                )
+
     # --- deciding --------------------------------------------------------------------
 
     @property
@@ -192,10 +213,14 @@ class RunState:
                 return [
                     self._terminal(RunFailed, error=state.failure, failed_step_id=state.step.id)
                 ], []
-        if all(state.status is StepStatus.SUCCEEDED for state in self.steps.values()):
+        finished = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+        if all(state.status in finished for state in self.steps.values()):
             outputs = self.outputs()
-            sinks = {step_id: outputs[step_id] for step_id in self.plan.sinks()}
-            return [self._terminal(RunCompleted, outputs=sinks)], []
+            sinks = {
+                step_id: outputs[step_id] for step_id in self.plan.sinks() if step_id in outputs
+            }
+            skipped = [s.step.id for s in self.steps.values() if s.status is StepStatus.SKIPPED]
+            return [self._terminal(RunCompleted, outputs=sinks, skipped_steps=skipped)], []
         events: list[EventEnvelope] = []
         startable: list[StepState] = []
         for state in self.steps.values():

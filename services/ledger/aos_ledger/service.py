@@ -63,6 +63,7 @@ from aos_ledger.store import (
     period_of,
 )
 from aos_plumbing import metrics
+from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, bearer_token, message_time
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
 
@@ -92,7 +93,12 @@ class LedgerService:
         self.consumers: list[LogConsumer] = []
         self._rebuild_lock = asyncio.Lock()
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
-        self.http.backends = {"budget_store": "redis"}
+        self.auth = Authenticator.from_settings(settings)
+        self.http.backends = {
+            "budget_store": "redis",
+            "auth": self.auth.mode,
+            "rbac": self.auth.rbac_mode,
+        }
         self.http.app.router.add_get("/budgets/runs/{run_id}", self._get_budget)
         self.http.app.router.add_get("/budgets/tenants/{tenant}", self._get_tenant_budget)
         self._sweeper: asyncio.Task[None] | None = None
@@ -215,7 +221,7 @@ class LedgerService:
                 event = decode_event(raw.data or b"")
             except EventDecodeError:
                 event = None
-            if isinstance(event, GoalSubmitted):
+            if isinstance(event, GoalSubmitted) and self.goal_allowed(event, raw):
                 log.info(
                     "run %s: budget opened from the goals stream ahead of its consumer",
                     cause.run_id,
@@ -232,9 +238,29 @@ class LedgerService:
     # publishes what one run's events in a batch produced in one round trip, then acks.
 
     async def handle_goal(self, delivery: Delivery) -> list[EventEnvelope]:
-        if isinstance(delivery.event, GoalSubmitted):
+        if isinstance(delivery.event, GoalSubmitted) and self.goal_allowed(
+            delivery.event, delivery.msg
+        ):
             return await self.open_budget(delivery.event)
         return []
+
+    def goal_allowed(self, goal: GoalSubmitted, msg: Any) -> bool:
+        """Whether the goal's token lets it open a budget: the planner's judgement of the
+        same token at the same log time, so a goal the planner refused never gets a budget
+        (and nothing can be reserved or spent against it)."""
+        if not self.auth.enabled:
+            return True
+        try:
+            self.auth.authorize(
+                bearer_token(getattr(msg, "headers", None)),
+                tenant=goal.tenant,
+                role=ROLE_SUBMIT,
+                at=message_time(msg),
+            )
+        except AuthError as exc:
+            log.warning("run %s: no budget for a refused goal: %s", goal.run_id, exc.reason)
+            return False
+        return True
 
     async def handle_run(self, delivery: Delivery) -> list[EventEnvelope]:
         event = delivery.event

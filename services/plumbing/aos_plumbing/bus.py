@@ -157,7 +157,11 @@ class EventBus:
             stream=msg.metadata.stream if msg.metadata else "",
             stream_seq=stream_seq,
             subject=msg.subject,
-            headers=dict(msg.headers or {}),
+            # A parked copy is read by operators: never keep the bearer token.
+            headers={
+                name: "<redacted>" if name.lower() == "authorization" else value
+                for name, value in (msg.headers or {}).items()
+            },
             data=msg.data,
             num_delivered=num_delivered,
         )

@@ -6,7 +6,9 @@ Flags keep the names the deployment documents use (`REDIS_URL`, `PLANNER_BACKEND
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aos_contracts.subjects import check_namespace
@@ -36,6 +38,31 @@ class CommonSettings(BaseSettings):
         alias="PROMETHEUS_AVAILABLE",
         description="unset: auto-detect prometheus-client",
     )
+
+    # --- security (aos_plumbing.auth; docs/OPERATIONS.md, Security) --------------------
+    jwt_verify_signature: bool = Field(
+        default=False,
+        alias="JWT_VERIFY_SIGNATURE",
+        description="require a signed JWT on goals and cancels (and on the tracer's API)",
+    )
+    rbac_enforce: bool = Field(
+        default=False, alias="RBAC_ENFORCE", description="enforce the token's roles"
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None, alias="AOS_JWT_SECRET", description="HS256 key"
+    )
+    jwt_jwks_file: Path | None = Field(
+        default=None,
+        alias="AOS_JWT_JWKS_FILE",
+        description="RS256/ES256 public keys: a JWKS JSON file or one PEM public key",
+    )
+    jwt_audience: str | None = Field(
+        default=None, alias="AOS_JWT_AUDIENCE", description="set: tokens must name it in aud"
+    )
+    jwt_issuer: str | None = Field(
+        default=None, alias="AOS_JWT_ISSUER", description="set: tokens must have this iss"
+    )
+    jwt_leeway_s: float = Field(default=30.0, ge=0, alias="AOS_JWT_LEEWAY_S")
 
     @field_validator("namespace")
     @classmethod

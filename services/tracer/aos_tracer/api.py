@@ -6,6 +6,11 @@ GET /runs/{run_id}/timeline?tenant=  the same as readable text
 GET /runs/{run_id}/timeline.html     the same as an HTML page: steps as bars on a time axis
 GET /runs/{run_id}/golden            the run's canonical event sequence (golden-file JSON)
 GET /parked?limit=                   parked messages, newest first
+
+With JWT_VERIFY_SIGNATURE or RBAC_ENFORCE on, every request needs `Authorization: Bearer
+<jwt>` (401 without a valid one): a token sees only its own tenant's runs (another
+tenant's run is a 404, like a missing one), `read` is needed when RBAC_ENFORCE is on, and
+/parked (which spans tenants) needs the `admin` role.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from aos_contracts.events import is_valid_tenant
+from aos_contracts.failures import FailureCode
+from aos_plumbing.auth import ROLE_ADMIN, ROLE_READ, Authenticator, AuthError, bearer_token
 from aos_tracer.golden import render_golden
 from aos_tracer.rows import RUN_STATUSES, RunRow
 from aos_tracer.store import TraceStore
@@ -31,8 +38,23 @@ class BadRequest(ValueError):
 
 
 class TraceApi:
-    def __init__(self, store: TraceStore) -> None:
+    def __init__(self, store: TraceStore, auth: Authenticator | None = None) -> None:
         self.store = store
+        self.auth = auth or Authenticator()
+
+    def _caller_tenant(self, request: web.Request, role: str) -> str | web.Response | None:
+        """The tenant the caller's token confines it to (None: no auth configured), or
+        the error response to send instead."""
+        if not self.auth.enabled:
+            return None
+        try:
+            principal = self.auth.principal(bearer_token(request.headers))
+            self.auth.require_role(principal, role)
+            if role == ROLE_ADMIN and ROLE_ADMIN not in principal.roles:
+                raise AuthError(FailureCode.FORBIDDEN, "the token lacks role 'admin'")
+        except AuthError as exc:
+            return _error(exc.http_status, exc.reason)
+        return principal.tenant
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/runs", self.list_runs)
@@ -43,8 +65,15 @@ class TraceApi:
         app.router.add_get("/parked", self.list_parked)
 
     async def list_runs(self, request: web.Request) -> web.Response:
+        caller = self._caller_tenant(request, ROLE_READ)
+        if isinstance(caller, web.Response):
+            return caller
         try:
             tenant = _tenant(request)
+            if caller is not None:
+                if tenant is not None and tenant != caller:
+                    return _error(403, f"the token is for tenant {caller!r}, not {tenant!r}")
+                tenant = caller
             status = request.query.get("status")
             if status is not None and status not in RUN_STATUSES:
                 raise BadRequest(f"status must be one of {', '.join(RUN_STATUSES)}")
@@ -93,6 +122,9 @@ class TraceApi:
         return web.Response(text=render_golden(events), content_type="application/json")
 
     async def list_parked(self, request: web.Request) -> web.Response:
+        caller = self._caller_tenant(request, ROLE_ADMIN)
+        if isinstance(caller, web.Response):
+            return caller
         try:
             limit = _limit(request)
         except BadRequest as exc:
@@ -102,6 +134,9 @@ class TraceApi:
 
     async def _run(self, request: web.Request) -> RunRow | web.Response:
         """The run named in the path, or the error response to send instead."""
+        caller = self._caller_tenant(request, ROLE_READ)
+        if isinstance(caller, web.Response):
+            return caller
         raw_id = request.match_info["run_id"]
         try:
             run_id = uuid.UUID(raw_id)
@@ -111,7 +146,7 @@ class TraceApi:
             return _error(400, message)
         run = await self.store.get_run(run_id)
         # Another tenant's run is reported exactly like a missing one: no existence leak.
-        if run is None or (tenant is not None and run.tenant != tenant):
+        if run is None or any(t is not None and run.tenant != t for t in (tenant, caller)):
             return _error(404, f"run {run_id} not found")
         return run
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from aos_contracts.subjects import CONTEXTS
+from aos_plumbing.auth import Authenticator
 from aos_plumbing.bus import EventBus, LogConsumer
 from aos_plumbing.http import ServiceHttp
 from aos_tracer.api import TraceApi
@@ -39,8 +40,13 @@ class TracerService:
         self.consumers: list[LogConsumer] = []
         self.parked: ParkedConsumer | None = None
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
-        self.http.backends = {"traces": self.store.backend}
-        TraceApi(self.store).add_routes(self.http.app)
+        self.auth = Authenticator.from_settings(settings)
+        self.http.backends = {
+            "traces": self.store.backend,
+            "auth": self.auth.mode,
+            "rbac": self.auth.rbac_mode,
+        }
+        TraceApi(self.store, self.auth).add_routes(self.http.app)
 
     async def start(self) -> None:
         await self.store.start()
