@@ -14,12 +14,14 @@ from aos_contracts import (
     PlanCreated,
     PlanRejected,
     PlanStep,
+    RunCancelRequested,
     StepStarted,
     StepSucceeded,
     encode_event,
 )
 from aos_contracts.events import EventEnvelope
 from aos_executor.checkpoints import (
+    Book,
     Checkpoint,
     PostgresCheckpointStore,
     fold_log,
@@ -130,3 +132,18 @@ async def test_a_checkpoint_of_a_prefix_plus_the_suffix_equals_the_whole_log(
         assert state.run_id in again.book.finished
     finally:
         await store.close()
+
+
+def test_a_run_belongs_to_the_tenant_of_its_plan() -> None:
+    history = run_history()
+    created = history[0][1]
+    assert isinstance(created, PlanCreated)
+    book = Book()
+    # Another tenant names this run id before the plan arrives: void once the plan does.
+    book.fold(RunCancelRequested(run_id=created.run_id, tenant="mallory", reason="x"))
+    state = book.fold(created)
+    assert state is not None and state.tenant == "acme" and state.cancel_reason is None
+    # And after the plan, another tenant's cancel is ignored; the run's own is not.
+    assert book.fold(RunCancelRequested(run_id=created.run_id, tenant="mallory")) is None
+    own = book.fold(RunCancelRequested(run_id=created.run_id, tenant="acme", reason="mine"))
+    assert own is not None and own.cancel_reason == "mine"

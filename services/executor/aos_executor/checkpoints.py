@@ -44,6 +44,15 @@ class Book:
         if event.run_id in self.finished:
             return None
         state = self.runs.get(event.run_id)
+        if state is not None and event.tenant != state.tenant:
+            # A run belongs to the tenant of its plan. Anything that arrived before the
+            # plan under another tenant's name (a cancel naming someone else's run id)
+            # is void; any later event from another tenant is ignored.
+            if isinstance(event, (PlanCreated, PlanRejected)) and state.plan is None:
+                state = None
+                del self.runs[event.run_id]
+            else:
+                return None
         if state is None:
             if not isinstance(event, OPENING):
                 return None
