@@ -26,17 +26,24 @@ class System:
         return [self.ledger, self.tracer, self.executor, self.planner]
 
 
-@pytest.fixture
-def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
+def make_system(
+    infra: InfraUrls,
+    namespace: str,
+    database: str,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> System:
+    """The four services of one test, not yet started: their shared settings plus
+    `extra_env` (flags a test turns on for every service)."""
     common = {
         "AOS_NATS_URL": infra.nats_url,
         "AOS_NAMESPACE": namespace,
         "AOS_LOG_LEVEL": "INFO",
-        # A killed consumer's unacknowledged batch comes back after this long.
-        "AOS_ACK_WAIT_S": "5",
+        "PLANNER_BACKEND": "stub",
+        **(extra_env or {}),
     }
-    services = System(
-        planner=ServiceProcess("planner", {**common, "PLANNER_BACKEND": "stub"}, log_dir),
+    return System(
+        planner=ServiceProcess("planner", common, log_dir),
         executor=ServiceProcess(
             "executor",
             {
@@ -60,6 +67,11 @@ def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> It
         nats_url=infra.nats_url,
         namespace=namespace,
     )
+
+
+@pytest.fixture
+def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
+    services = make_system(infra, namespace, database, log_dir)
     try:
         for service in services.all:
             service.start()

@@ -31,8 +31,7 @@ from aos_contracts.events import GoalSubmitted, RunCancelRequested
 from aos_contracts.subjects import PARKED, goal_subject, stream_name
 from tests.executor.messages_api import MessagesApi
 from tests.support.bus import RunWatcher, connected, read_stream
-from tests.support.processes import ServiceProcess
-from tests.system.conftest import System
+from tests.system.conftest import System, make_system
 
 pytestmark = pytest.mark.integration
 
@@ -65,32 +64,20 @@ async def claude() -> AsyncIterator[MessagesApi]:
 async def secured(
     infra: InfraUrls, namespace: str, database: str, log_dir: Path, claude: MessagesApi
 ) -> AsyncIterator[System]:
-    common = {
-        "AOS_NATS_URL": infra.nats_url,
-        "AOS_NAMESPACE": namespace,
-        "AOS_LOG_LEVEL": "DEBUG",  # the most a service ever says
-        "JWT_VERIFY_SIGNATURE": "true",
-        "RBAC_ENFORCE": "true",
-        "AOS_JWT_SECRET": JWT_SECRET,
-        "AOS_JWT_AUDIENCE": AUDIENCE,
-        "ANTHROPIC_API_KEY": API_KEY,
-        "ANTHROPIC_BASE_URL": claude.base_url,
-    }
-    services = System(
-        planner=ServiceProcess("planner", {**common, "PLANNER_BACKEND": "stub"}, log_dir),
-        executor=ServiceProcess(
-            "executor",
-            {**common, "AOS_RETRY_BACKOFF_S": "0.05", "AOS_EXECUTOR_DATABASE_URL": database},
-            log_dir,
-        ),
-        ledger=ServiceProcess("ledger", {**common, "REDIS_URL": infra.redis_url}, log_dir),
-        tracer=ServiceProcess(
-            "tracer",
-            {**common, "AOS_TRACER_DATABASE_URL": database, "USE_POSTGRES_TRACES": "true"},
-            log_dir,
-        ),
-        nats_url=infra.nats_url,
-        namespace=namespace,
+    services = make_system(
+        infra,
+        namespace,
+        database,
+        log_dir,
+        {
+            "AOS_LOG_LEVEL": "DEBUG",  # the most a service ever says
+            "JWT_VERIFY_SIGNATURE": "true",
+            "RBAC_ENFORCE": "true",
+            "AOS_JWT_SECRET": JWT_SECRET,
+            "AOS_JWT_AUDIENCE": AUDIENCE,
+            "ANTHROPIC_API_KEY": API_KEY,
+            "ANTHROPIC_BASE_URL": claude.base_url,
+        },
     )
     try:
         for service in services.all:
