@@ -261,7 +261,10 @@ async def test_wiped_redis_is_rebuilt_identically_from_the_log(
         await eventually(lambda: ledger_idle(infra.nats_url, namespace), what="ledger idle")
         before = await snapshot(store)
         tenants_before, expiries_before = await tenant_snapshot(store), await expiries(store)
-        assert len(tenants_before) == 1 and expiries_before
+        # Whether reservations are still held here depends on how the runs raced for
+        # the tenant cap; the expiry index is compared after the rebuild either way
+        # (test_ledger_store.py replays one with reservations held, at store level).
+        assert len(tenants_before) == 1
         assert any(
             e.exceeded_cap == "tenant"
             for e in budget_events(
