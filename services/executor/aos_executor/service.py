@@ -141,13 +141,7 @@ class ExecutorService:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.bus = await EventBus.connect(
-            self.settings.nats_url,
-            self.settings.namespace,
-            self.name,
-            ack_wait_s=self.settings.ack_wait_s,
-        )
-        await self.bus.ensure_streams()
+        self.bus = await EventBus.open(self.settings, self.name)
         self.running = True
         self.checkpoints = await open_store(self.settings.database_url)
         self.http.backends["checkpoints"] = self.checkpoints.name

@@ -111,13 +111,7 @@ class LedgerService:
         return period_of(self.settings.tenant_period, self.now())
 
     async def start(self) -> None:
-        self.bus = await EventBus.connect(
-            self.settings.nats_url,
-            self.settings.namespace,
-            self.name,
-            ack_wait_s=self.settings.ack_wait_s,
-        )
-        await self.bus.ensure_streams()
+        self.bus = await EventBus.open(self.settings, self.name)
         await self.rebuild()
         batch = self.settings.consumer_batch
         self.consumers = [

@@ -48,13 +48,7 @@ class PlannerService:
         }
 
     async def start(self) -> None:
-        self.bus = await EventBus.connect(
-            self.settings.nats_url,
-            self.settings.namespace,
-            self.name,
-            ack_wait_s=self.settings.ack_wait_s,
-        )
-        await self.bus.ensure_streams()
+        self.bus = await EventBus.open(self.settings, self.name)
         async for event in self.bus.replay_events("plans"):
             # A refused goal gets plan.rejected without run.accepted: decided too.
             if isinstance(event, RunAccepted | PlanRejected):

@@ -37,6 +37,7 @@ from aos_contracts.subjects import (
     stream_subjects,
 )
 from aos_plumbing import metrics
+from aos_plumbing.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,16 @@ class EventBus:
             allow_reconnect=True,
         )
         return cls(nc, namespace, service, ack_wait_s=ack_wait_s)
+
+    @classmethod
+    async def open(cls, settings: CommonSettings, service: str) -> EventBus:
+        """Connect as `service` with the settings every service shares, and declare the
+        streams of the log (every service does both at start)."""
+        bus = await cls.connect(
+            settings.nats_url, settings.namespace, service, ack_wait_s=settings.ack_wait_s
+        )
+        await bus.ensure_streams()
+        return bus
 
     async def close(self) -> None:
         if not self.nc.is_closed:

@@ -50,13 +50,7 @@ class TracerService:
 
     async def start(self) -> None:
         await self.store.start()
-        self.bus = await EventBus.connect(
-            self.settings.nats_url,
-            self.settings.namespace,
-            self.name,
-            ack_wait_s=self.settings.ack_wait_s,
-        )
-        await self.bus.ensure_streams()
+        self.bus = await EventBus.open(self.settings, self.name)
         for context in CONTEXTS:
             stream = self.bus.stream(context)
             consumer = self.bus.consumer(
