@@ -14,8 +14,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from aos_contracts.events import StepTelemetry
 from aos_plumbing import metrics
 
 CircuitState = Literal["closed", "open", "half_open"]
@@ -112,3 +113,20 @@ class CircuitBreakers:
                 key, self.failure_threshold, self.cooldown_s, self.clock
             )
         return breaker
+
+
+def attempt_telemetry(
+    backend: str, breaker: CircuitBreaker, calls: int, delays: list[float], **details: Any
+) -> StepTelemetry:
+    """What one attempt of a skill did through its breaker, for the step's event: calls,
+    the retries among them and their delays, the breaker's state after; plus what only
+    that skill knows (`details`: status code, size, model)."""
+    return StepTelemetry(
+        backend=backend,
+        calls=calls,
+        retries=max(0, calls - 1),
+        retry_delays_s=list(delays),
+        circuit=breaker.key,
+        circuit_state=breaker.state,
+        **details,
+    )

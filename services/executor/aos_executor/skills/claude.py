@@ -19,7 +19,7 @@ import anthropic
 from aos_contracts.events import StepTelemetry
 from aos_contracts.failures import Failure, FailureCode
 from aos_executor.skills.base import SkillError
-from aos_executor.skills.circuit import CircuitBreaker, CircuitBreakers
+from aos_executor.skills.circuit import CircuitBreaker, CircuitBreakers, attempt_telemetry
 from aos_executor.skills.llm import LLMRequest, LLMResponse, TextSink, TokenUsage
 from aos_executor.skills.retry import RetryPolicy, parse_retry_after
 
@@ -158,15 +158,7 @@ class ClaudeAdapter:
     def _telemetry(
         self, request: LLMRequest, calls: int, delays: list[float], breaker: CircuitBreaker
     ) -> StepTelemetry:
-        return StepTelemetry(
-            backend=self.name,
-            calls=calls,
-            retries=max(0, calls - 1),
-            retry_delays_s=list(delays),
-            circuit=breaker.key,
-            circuit_state=breaker.state,
-            model=request.model,
-        )
+        return attempt_telemetry(self.name, breaker, calls, delays, model=request.model)
 
     def _response(
         self,

@@ -28,7 +28,7 @@ from aos_contracts.events import StepTelemetry
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.skills import SKILL_CONTRACTS, HttpCallParams, SkillContract
 from aos_executor.skills.base import SkillContext, SkillError, SkillResult
-from aos_executor.skills.circuit import CircuitBreaker, CircuitBreakers
+from aos_executor.skills.circuit import CircuitBreaker, CircuitBreakers, attempt_telemetry
 from aos_executor.skills.guard import HostPolicy
 from aos_executor.skills.retry import RetryPolicy, parse_retry_after
 
@@ -165,15 +165,8 @@ class HttpCallSkill:
         status_code: int | None = None,
         size: int | None = None,
     ) -> StepTelemetry:
-        return StepTelemetry(
-            backend=self.backend,
-            calls=calls,
-            retries=max(0, calls - 1),
-            retry_delays_s=list(delays),
-            circuit=breaker.key,
-            circuit_state=breaker.state,
-            status_code=status_code,
-            response_bytes=size,
+        return attempt_telemetry(
+            self.backend, breaker, calls, delays, status_code=status_code, response_bytes=size
         )
 
     async def _call_once(
