@@ -37,14 +37,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import nats
-import redis
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from aos_cli.embedded import EmbeddedInfra, InfraUrls
-from aos_cli.launcher import Stack, database_name
+from aos_cli.launcher import Stack, remove_namespace
 from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
 from aos_contracts.events import (
     TERMINAL_RUN_EVENTS,
@@ -249,32 +247,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def clean_external(urls: InfraUrls, namespace: str) -> None:
-    """Leave nothing of the benchmark on servers that outlive it."""
-    admin = await asyncpg.connect(urls.postgres_url)
-    try:
-        for owner in ("executor", "tracer"):
-            name = database_name(namespace, owner)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    nc = await nats.connect(urls.nats_url)
-    try:
-        js = nc.jetstream()
-        for stream in await js.streams_info():
-            if stream.config.name and stream.config.name.startswith(f"{namespace.upper()}_"):
-                await js.delete_stream(stream.config.name)
-    finally:
-        await nc.close()
-    client = redis.Redis.from_url(urls.redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=200, help="goals per concurrency level")
@@ -314,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if infra is not None:
             infra.stop()
         if external is not None:
-            asyncio.run(clean_external(external, namespace))
+            asyncio.run(remove_namespace(external, namespace))
     print(
         "ovh = per-step orchestration overhead: (run end - plan.created - sum of step "
         "durations) / steps; run = goal.submitted to run end"

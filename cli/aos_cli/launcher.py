@@ -16,6 +16,8 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import nats
+from redis.asyncio import Redis
 
 from aos_cli.embedded import InfraUrls
 from aos_cli.processes import ChildProcess, StartError, free_port, stop_all
@@ -31,6 +33,33 @@ def database_name(namespace: str, owner: str) -> str:
     """`aos_tracer` in a normal deployment; `<namespace>_tracer` when several stacks
     (tests, benchmarks) share one PostgreSQL server and must not see each other's rows."""
     return f"{namespace}_{owner}"
+
+
+async def remove_namespace(urls: InfraUrls, namespace: str) -> None:
+    """Leave nothing of a namespace on servers that outlive it (a benchmark's, a test's):
+    its services' databases, its streams, its Redis keys."""
+    admin = await asyncpg.connect(urls.postgres_url)
+    try:
+        for owner in ("executor", "tracer"):
+            name = database_name(namespace, owner)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    nc = await nats.connect(urls.nats_url)
+    try:
+        js = nc.jetstream()
+        for stream in await js.streams_info():
+            if stream.config.name and stream.config.name.startswith(f"{namespace.upper()}_"):
+                await js.delete_stream(stream.config.name)
+    finally:
+        await nc.close()
+    client = Redis.from_url(urls.redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 async def ensure_database(admin_url: str, name: str) -> None:

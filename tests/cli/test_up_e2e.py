@@ -15,12 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import nats
 import pytest
-import redis
 
 from aos_cli.embedded import InfraUrls
+from aos_cli.launcher import remove_namespace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -87,32 +85,7 @@ def aos_up(tmp_path: Path) -> Iterator[AosUp]:
             except subprocess.TimeoutExpired:
                 up.proc.kill()
         if external is not None:
-            asyncio.run(_clean_external(external, namespace))
-
-
-async def _clean_external(urls: InfraUrls, namespace: str) -> None:
-    """Leave nothing of this test on servers that outlive it."""
-    admin = await asyncpg.connect(urls.postgres_url)
-    try:
-        for owner in ("executor", "tracer"):
-            await admin.execute(f'DROP DATABASE IF EXISTS "{namespace}_{owner}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    nc = await nats.connect(urls.nats_url)
-    try:
-        js = nc.jetstream()
-        for stream in await js.streams_info():
-            if stream.config.name and stream.config.name.startswith(f"{namespace.upper()}_"):
-                await js.delete_stream(stream.config.name)
-    finally:
-        await nc.close()
-    client = redis.Redis.from_url(urls.redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+            asyncio.run(remove_namespace(external, namespace))
 
 
 def descendants(pid: int) -> set[int]:
