@@ -33,6 +33,7 @@ from aos_contracts.subjects import (
     PARKED,
     parked_subject,
     run_id_of_subject,
+    run_subject,
     stream_name,
     stream_subjects,
 )
@@ -229,6 +230,22 @@ class EventBus:
             except EventDecodeError:
                 continue
 
+    async def watch_run(self, context: str, tenant: str, run_id: object) -> RunWatch:
+        """Every event of one run in one stream, from its first, and then as they come.
+
+        For a service that must wait for another's answer before it can go on (the
+        planner waits for the ledger's decision on each planning call). An ordered
+        consumer filtered on the run's subject: it reads only that run's events, and
+        leaves nothing behind on the server."""
+        sub = await self.js.subscribe(
+            run_subject(context, tenant, str(run_id), self.namespace),
+            stream=self.stream(context),
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            inactive_threshold=30.0,
+        )
+        return RunWatch(sub)
+
     def consumer(
         self,
         context: str,
@@ -248,6 +265,39 @@ class EventBus:
             start_after_seq=start_after_seq,
             park_after_deliveries=park_after_deliveries,
         )
+
+
+class RunWatch:
+    """A run's events in one stream, in log order; see `EventBus.watch_run`."""
+
+    def __init__(self, sub: JetStreamContext.PushSubscription) -> None:
+        self._sub = sub
+
+    async def wait_for(self, wanted: Callable[[AnyEvent], bool], timeout_s: float) -> AnyEvent:
+        """The first event (from the run's first) for which `wanted` is true; TimeoutError
+        if none arrives within `timeout_s`. What does not decode is skipped: the stream's
+        own consumers park it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no awaited event on {self._sub.subject} in {timeout_s} s")
+            try:
+                msg = await self._sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError as exc:
+                raise TimeoutError(
+                    f"no awaited event on {self._sub.subject} in {timeout_s} s"
+                ) from exc
+            try:
+                event = decode_event(msg.data)
+            except EventDecodeError:
+                continue
+            if wanted(event):
+                return event
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # best effort: the server drops it when idle
+            await self._sub.unsubscribe()
 
 
 @dataclass
@@ -403,7 +453,11 @@ class LogConsumer:
         if not deliveries:
             return
         metrics.EVENTS_CONSUMED.labels(self.bus.service, self.context).inc(len(deliveries))
-        failed = list(await self.handler(deliveries) or [])
+        heartbeat = asyncio.create_task(self._keep_in_progress(deliveries))
+        try:
+            failed = list(await self.handler(deliveries) or [])
+        finally:
+            heartbeat.cancel()
         failed_ids = {id(delivery) for delivery in failed}
         for delivery in deliveries:
             if id(delivery) not in failed_ids:
@@ -421,6 +475,16 @@ class LogConsumer:
                 # 0.1 s doubling to 5 s: with 10 deliveries, about 20 s before a message is
                 # parked, long enough to ride out a store restart.
                 await _safe_nak(delivery.msg, delay=min(0.05 * 2**delivery.num_delivered, 5.0))
+
+    async def _keep_in_progress(self, deliveries: list[Delivery]) -> None:
+        """Tell the server the batch is still being worked on, so that a handler slower
+        than the ack wait (a planning call to a model can take a minute) does not get
+        its messages redelivered to a replica while it still holds them."""
+        while True:
+            await asyncio.sleep(self.bus.ack_wait_s / 2)
+            for delivery in deliveries:
+                with contextlib.suppress(Exception):  # a lost heartbeat only risks a redelivery
+                    await delivery.msg.in_progress()
 
 
 async def _safe_nak(msg: Msg, delay: float) -> None:

@@ -6,7 +6,6 @@ through `unnest`, not a round trip per event), so tracing keeps up with the bus.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from aos_plumbing.postgres import connect_pool
 from aos_tracer.projection import Projector, StepKey, aware, no_nul
 from aos_tracer.rows import EventRow, ParkedRow, RunRow, StepRow, TracedEvent
 from aos_tracer.store import distinct, step_order
@@ -206,24 +206,11 @@ class PostgresTraceStore:
         return self._pool
 
     async def start(self) -> None:
-        self._pool = await self._connect()
+        self._pool = await connect_pool(
+            self.dsn, max_size=8, init=_init_connection, timeout_s=self.connect_timeout_s
+        )
         async with self.pool.acquire() as conn:
             await migrate(conn)
-
-    async def _connect(self) -> asyncpg.Pool:
-        # Postgres may come up after the tracer (compose, embedded start): wait a while.
-        deadline = asyncio.get_running_loop().time() + self.connect_timeout_s
-        while True:
-            try:
-                pool: asyncpg.Pool = await asyncpg.create_pool(
-                    self.dsn, min_size=1, max_size=8, init=_init_connection
-                )
-                return pool
-            except (OSError, asyncpg.CannotConnectNowError):
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.warning("postgres not reachable yet; retrying")
-                await asyncio.sleep(0.5)
 
     async def close(self) -> None:
         if self._pool is not None:
