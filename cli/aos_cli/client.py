@@ -57,6 +57,8 @@ def build_goal(
     budget_cents: int,
     inputs: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    replan_within_budget: bool = False,
+    reuse_plan_of: uuid.UUID | None = None,
 ) -> GoalSubmitted:
     ids: dict[str, uuid.UUID] = {}
     if idempotency_key:
@@ -71,6 +73,8 @@ def build_goal(
             budget_cents=budget_cents,
             inputs=inputs or {},
             idempotency_key=idempotency_key,
+            replan_within_budget=replan_within_budget,
+            reuse_plan_of=reuse_plan_of,
             **ids,
         )
     except ValidationError as exc:

@@ -29,6 +29,10 @@ SERVICES: tuple[str, ...] = ("planner", "executor", "ledger", "tracer")
 STOP_GRACE_S = 15.0
 
 
+# The services that own a PostgreSQL database (each its own: no service reads another's).
+DATABASE_OWNERS: tuple[str, ...] = ("planner", "executor", "tracer")
+
+
 def database_name(namespace: str, owner: str) -> str:
     """`aos_tracer` in a normal deployment; `<namespace>_tracer` when several stacks
     (tests, benchmarks) share one PostgreSQL server and must not see each other's rows."""
@@ -40,7 +44,7 @@ async def remove_namespace(urls: InfraUrls, namespace: str) -> None:
     its services' databases, its streams, its Redis keys."""
     admin = await asyncpg.connect(urls.postgres_url)
     try:
-        for owner in ("executor", "tracer"):
+        for owner in DATABASE_OWNERS:
             name = database_name(namespace, owner)
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -118,6 +122,9 @@ class Stack:
         )
         if name == "planner":
             env.setdefault("PLANNER_BACKEND", "stub")
+            env["AOS_PLANNER_DATABASE_URL"] = self.infra.database_url(
+                database_name(self.namespace, "planner")
+            )
         if name in ("executor", "ledger"):
             env["REDIS_URL"] = self.infra.redis_url
         if name == "executor":
@@ -158,7 +165,7 @@ class Stack:
             raise
 
     async def _create_databases(self) -> None:
-        for owner in ("executor", "tracer"):
+        for owner in DATABASE_OWNERS:
             await ensure_database(self.infra.postgres_url, database_name(self.namespace, owner))
 
     def stop(self) -> None:

@@ -155,6 +155,18 @@ def build_parser() -> ArgumentParser:
         "--idempotency-key",
         help="resubmitting with the same key (and tenant) does not start a second run",
     )
+    submit.add_argument(
+        "--replan-within-budget",
+        action="store_true",
+        help="when the plan is estimated above the budget, ask the planner once more with "
+        "the budget stated instead of rejecting the goal",
+    )
+    submit.add_argument(
+        "--reuse-plan-of",
+        type=_run_id,
+        metavar="RUN_ID",
+        help="run the recorded plan of an earlier run of this tenant (no planning call)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the run to end")
     submit.add_argument(
         "--timeout", type=_positive_float, default=60.0, help="seconds to --wait (default 60)"
@@ -199,6 +211,11 @@ def build_parser() -> ArgumentParser:
     simulate.add_argument("goal", metavar="TEXT")
     simulate.add_argument("--budget-cents", type=_budget, required=True)
     simulate.add_argument("--input-json", type=_inputs, default={}, metavar="JSON")
+    simulate.add_argument(
+        "--replan",
+        action="store_true",
+        help="when the plan is above the budget, ask once more with the budget stated",
+    )
     simulate.add_argument("--json", action="store_true", help="print JSON")
     simulate.set_defaults(handler=cmd_plan_simulate)
 
@@ -269,6 +286,8 @@ def cmd_goal_submit(args: argparse.Namespace) -> int:
         budget_cents=args.budget_cents,
         inputs=args.input_json,
         idempotency_key=args.idempotency_key,
+        replan_within_budget=args.replan_within_budget,
+        reuse_plan_of=args.reuse_plan_of,
     )
     submission = asyncio.run(
         submit_goal(
@@ -363,6 +382,8 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
         "--input-json",
         json.dumps(args.input_json),
     ]
+    if args.replan:
+        command.append("--replan")
     if args.json:
         command.append("--json")
     return subprocess.run(command, check=False).returncode

@@ -16,6 +16,7 @@ from aos_contracts.codec import (
 )
 from aos_contracts.events import (
     EVENT_TYPES,
+    PLANNING_STEP_ID,
     TERMINAL_RUN_EVENTS,
     AnyEvent,
     BudgetCommitted,
@@ -27,6 +28,8 @@ from aos_contracts.events import (
     EventEnvelope,
     GoalSubmitted,
     PlanCreated,
+    PlanningCallFinished,
+    PlanningReservationRequested,
     PlanRejected,
     RunAccepted,
     RunCancelled,
@@ -46,6 +49,7 @@ __all__ = [
     "EVENT_TYPES",
     "HEADER_EVENT_TYPE",
     "HEADER_MSG_ID",
+    "PLANNING_STEP_ID",
     "TERMINAL_RUN_EVENTS",
     "UPCASTERS",
     "AnyEvent",
@@ -64,6 +68,8 @@ __all__ = [
     "PlanCreated",
     "PlanRejected",
     "PlanStep",
+    "PlanningCallFinished",
+    "PlanningReservationRequested",
     "RunAccepted",
     "RunCancelRequested",
     "RunCancelled",

@@ -82,77 +82,6 @@ class EventEnvelope(BaseModel):
         )
 
 
-# --- ingress: what users and their programs publish ----------------------------------
-
-
-class GoalSubmitted(EventEnvelope):
-    """A user asks AOS to achieve a goal within a budget. The public entry point."""
-
-    type: Literal["goal.submitted"] = "goal.submitted"
-    goal: Annotated[str, Field(min_length=1, max_length=10_000)]
-    budget_cents: Annotated[int, Field(ge=0, le=100_000_000)]
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    idempotency_key: Annotated[str, Field(max_length=200)] | None = None
-    submitted_by: str | None = None
-
-    @field_validator("goal")
-    @classmethod
-    def _goal_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("goal must not be blank")
-        return value
-
-
-class RunCancelRequested(EventEnvelope):
-    type: Literal["run.cancel_requested"] = "run.cancel_requested"
-    reason: str = "cancelled by user"
-
-
-# --- planner ----------------------------------------------------------------------------
-
-
-class RunAccepted(EventEnvelope):
-    type: Literal["run.accepted"] = "run.accepted"
-    goal: str
-    budget_cents: int
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    planner_backend: str
-
-
-class PlanCreated(EventEnvelope):
-    type: Literal["plan.created"] = "plan.created"
-    plan: Plan
-    estimated_cents: int
-    budget_cents: int
-    inputs: dict[str, Any] = Field(default_factory=dict)
-
-
-class PlanRejected(EventEnvelope):
-    type: Literal["plan.rejected"] = "plan.rejected"
-    reasons: list[str]
-    code: FailureCode = FailureCode.PLAN_INVALID
-
-
-# --- executor ---------------------------------------------------------------------------
-
-
-class BudgetReservationRequested(EventEnvelope):
-    type: Literal["budget.reservation_requested"] = "budget.reservation_requested"
-    reservation_id: uuid.UUID
-    step_id: str
-    attempt: int
-    amount_cents: Annotated[int, Field(ge=0)]
-
-
-class StepStarted(EventEnvelope):
-    type: Literal["step.started"] = "step.started"
-    step_id: str
-    skill: str
-    attempt: int
-    reservation_id: uuid.UUID
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
 class StepTelemetry(BaseModel):
     """What happened inside one attempt of a skill, for the trace: calls and retries made
     within the skill, the circuit breaker it went through, tokens for a model call."""
@@ -174,6 +103,132 @@ class StepTelemetry(BaseModel):
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+
+
+# --- ingress: what users and their programs publish ----------------------------------
+
+
+class GoalSubmitted(EventEnvelope):
+    """A user asks AOS to achieve a goal within a budget. The public entry point."""
+
+    type: Literal["goal.submitted"] = "goal.submitted"
+    goal: Annotated[str, Field(min_length=1, max_length=10_000)]
+    budget_cents: Annotated[int, Field(ge=0, le=100_000_000)]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: Annotated[str, Field(max_length=200)] | None = None
+    submitted_by: str | None = None
+    replan_within_budget: bool = Field(
+        default=False,
+        description="when the first plan is estimated above the budget, ask the planner "
+        "once more with the budget stated, instead of rejecting the goal",
+    )
+    reuse_plan_of: uuid.UUID | None = Field(
+        default=None,
+        description="plan this run with the recorded plan of an earlier run of the same "
+        "tenant (validated and estimated again), instead of asking the planning backend",
+    )
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("goal must not be blank")
+        return value
+
+
+class RunCancelRequested(EventEnvelope):
+    type: Literal["run.cancel_requested"] = "run.cancel_requested"
+    reason: str = "cancelled by user"
+
+
+# --- planner ----------------------------------------------------------------------------
+
+# The step id the planner's own model calls are budgeted under. It cannot be the id of a
+# plan step (those match STEP_ID_PATTERN), so planning and steps never share a reservation.
+PLANNING_STEP_ID = "@planning"
+
+
+class RunAccepted(EventEnvelope):
+    type: Literal["run.accepted"] = "run.accepted"
+    goal: str
+    budget_cents: int
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    planner_backend: str
+
+
+class PlanningReservationRequested(EventEnvelope):
+    """The planner asks the ledger for the worst-case cost of one planning model call,
+    before making it. The ledger answers with budget.reserved or budget.denied for
+    `reservation_id`, under the step id `@planning`."""
+
+    type: Literal["planning.reservation_requested"] = "planning.reservation_requested"
+    reservation_id: uuid.UUID
+    step_id: str = PLANNING_STEP_ID
+    attempt: Annotated[int, Field(ge=1, description="the planning call's number in this run")]
+    amount_cents: Annotated[int, Field(ge=0)]
+    backend: str
+    model: str | None = None
+
+
+class PlanningCallFinished(EventEnvelope):
+    """One planning model call is over and cost `cost_cents` (from reported usage): the
+    ledger commits it against the reservation and releases the rest."""
+
+    type: Literal["planning.call_finished"] = "planning.call_finished"
+    reservation_id: uuid.UUID
+    step_id: str = PLANNING_STEP_ID
+    attempt: Annotated[int, Field(ge=1)]
+    cost_cents: Annotated[int, Field(ge=0)] = 0
+    duration_ms: float = 0.0
+    outcome: Literal["plan", "invalid", "error"] = Field(
+        description="plan: the reply held a valid plan; invalid: it did not; error: the "
+        "call itself failed (the goal is retried)"
+    )
+    telemetry: StepTelemetry | None = None
+
+
+class PlanCreated(EventEnvelope):
+    type: Literal["plan.created"] = "plan.created"
+    plan: Plan
+    estimated_cents: int
+    budget_cents: int
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    planning_cost_cents: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="what the planning model calls cost; charged to the run"
+    )
+    replanned: bool = Field(
+        default=False, description="the first plan was above the budget; this is the second"
+    )
+    reused_plan_of: uuid.UUID | None = Field(
+        default=None, description="the earlier run whose recorded plan this is"
+    )
+
+
+class PlanRejected(EventEnvelope):
+    type: Literal["plan.rejected"] = "plan.rejected"
+    reasons: list[str]
+    code: FailureCode = FailureCode.PLAN_INVALID
+    planning_cost_cents: Annotated[int, Field(ge=0)] = 0
+
+
+# --- executor ---------------------------------------------------------------------------
+
+
+class BudgetReservationRequested(EventEnvelope):
+    type: Literal["budget.reservation_requested"] = "budget.reservation_requested"
+    reservation_id: uuid.UUID
+    step_id: str
+    attempt: int
+    amount_cents: Annotated[int, Field(ge=0)]
+
+
+class StepStarted(EventEnvelope):
+    type: Literal["step.started"] = "step.started"
+    step_id: str
+    skill: str
+    attempt: int
+    reservation_id: uuid.UUID
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class StepSucceeded(EventEnvelope):
@@ -300,6 +355,8 @@ AnyEvent = Annotated[
     | RunAccepted
     | PlanCreated
     | PlanRejected
+    | PlanningReservationRequested
+    | PlanningCallFinished
     | BudgetReservationRequested
     | StepStarted
     | StepSucceeded
@@ -325,6 +382,8 @@ EVENT_TYPES: dict[str, type[EventEnvelope]] = {
         RunAccepted,
         PlanCreated,
         PlanRejected,
+        PlanningReservationRequested,
+        PlanningCallFinished,
         BudgetReservationRequested,
         StepStarted,
         StepSucceeded,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 STEP_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+MAX_PLAN_STEPS = 200  # what a Plan can hold at all; PlanLimits may only lower it
 
 # References are resolved by the executor just before a step runs:
 # ${goal.inputs.<path>} or ${steps.<step_id>.output.<path>}. A string that is exactly one
@@ -36,7 +39,7 @@ class PlanStep(BaseModel):
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: Annotated[list[PlanStep], Field(min_length=1, max_length=200)]
+    steps: Annotated[list[PlanStep], Field(min_length=1, max_length=MAX_PLAN_STEPS)]
     rationale: str = ""
 
     def step(self, step_id: str) -> PlanStep:
@@ -65,11 +68,24 @@ def references_in(value: Any) -> list[str]:
     return found
 
 
-def plan_problems(plan: Plan, known_skills: set[str]) -> list[str]:
+def plan_problems(
+    plan: Plan,
+    known_skills: Collection[str],
+    output_fields: Mapping[str, Collection[str]] | None = None,
+) -> list[str]:
     """Every reason the plan cannot run (empty when it can). Pure; shared by planner and
-    executor so both sides agree on what a valid plan is."""
+    executor so both sides agree on what a valid plan is.
+
+    `output_fields` maps a skill to the top-level fields of its output
+    (`aos_contracts.skills.output_fields_by_skill()`); a reference
+    `${steps.<id>.output.<field>...}` must then name one of them. Only that first
+    segment is checked (what lies below, e.g. inside an HTTP body, is data); skills not
+    in the mapping, and `${steps.<id>.output}` itself, are not checked."""
     problems: list[str] = []
     ids = [step.id for step in plan.steps]
+    skill_of: dict[str, str] = {}
+    for step in plan.steps:
+        skill_of.setdefault(step.id, step.skill)
     seen: set[str] = set()
     for step in plan.steps:
         if step.id in seen:
@@ -85,23 +101,101 @@ def plan_problems(plan: Plan, known_skills: set[str]) -> list[str]:
         for ref in references_in(step.params):
             head, _, rest = ref.partition(".")
             if head == "goal":
-                if not rest.startswith("inputs"):
+                if rest != "inputs" and not rest.startswith("inputs."):
                     problems.append(
                         f"step {step.id!r}: reference ${{{ref}}} must be goal.inputs..."
                     )
             elif head == "steps":
-                target = rest.split(".", 1)[0]
+                target, _, inner = rest.partition(".")
                 if target not in step.depends_on:
                     problems.append(
                         f"step {step.id!r}: reference ${{{ref}}} names step {target!r}, "
                         "which is not in depends_on"
                     )
+                problem = _output_problem(ref, inner, skill_of.get(target), output_fields)
+                if problem:
+                    problems.append(f"step {step.id!r}: {problem}")
             else:
                 problems.append(
                     f"step {step.id!r}: reference ${{{ref}}} must start with goal. or steps."
                 )
     if not problems and _has_cycle(plan):
         problems.append("plan has a dependency cycle")
+    return problems
+
+
+def _output_problem(
+    ref: str,
+    inner: str,
+    skill: str | None,
+    output_fields: Mapping[str, Collection[str]] | None,
+) -> str | None:
+    """What is wrong with the `output...` part of a step reference, if anything."""
+    kind, _, deeper = inner.partition(".")
+    if kind != "output":
+        return f"reference ${{{ref}}} must be steps.<id>.output..."
+    if not deeper or skill is None or output_fields is None or skill not in output_fields:
+        return None
+    field = deeper.split(".", 1)[0]
+    fields = output_fields[skill]
+    if field in fields:
+        return None
+    return (
+        f"reference ${{{ref}}} names field {field!r}, which {skill}'s output does not have "
+        f"(fields: {', '.join(sorted(fields))})"
+    )
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """How big a plan the planner accepts. `max_depth` counts the steps on the longest
+    dependency chain (a plan of independent steps is 1 deep)."""
+
+    max_steps: int = MAX_PLAN_STEPS
+    max_depth: int = MAX_PLAN_STEPS
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.max_depth < 1:
+            raise ValueError(f"plan limits must be at least 1: {self}")
+
+
+DEFAULT_PLAN_LIMITS = PlanLimits()
+
+
+def plan_depth(plan: Plan) -> int | None:
+    """Steps on the longest dependency chain; None when the plan has a cycle. Unknown
+    dependencies are ignored (plan_problems reports them)."""
+    ids = {step.id for step in plan.steps}
+    deps = {step.id: {dep for dep in step.depends_on if dep in ids} for step in plan.steps}
+    dependents: dict[str, list[str]] = {node: [] for node in deps}
+    for node, node_deps in deps.items():
+        for dep in node_deps:
+            dependents[dep].append(node)
+    waiting = {node: len(node_deps) for node, node_deps in deps.items()}
+    depth = {node: 1 for node in deps}
+    ready = [node for node, count in waiting.items() if count == 0]
+    done = 0
+    while ready:  # Kahn's topological order: iterative, so no recursion limit
+        node = ready.pop()
+        done += 1
+        for dependent in dependents[node]:
+            depth[dependent] = max(depth[dependent], depth[node] + 1)
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                ready.append(dependent)
+    if done < len(deps):
+        return None
+    return max(depth.values(), default=0)
+
+
+def limit_problems(plan: Plan, limits: PlanLimits = DEFAULT_PLAN_LIMITS) -> list[str]:
+    """The plan's size against the limits: step count, and depth when it has no cycle."""
+    problems: list[str] = []
+    if len(plan.steps) > limits.max_steps:
+        problems.append(f"plan has {len(plan.steps)} steps, above the limit of {limits.max_steps}")
+    depth = plan_depth(plan)
+    if depth is not None and depth > limits.max_depth:
+        problems.append(f"plan is {depth} steps deep, above the limit of {limits.max_depth}")
     return problems
 
 

@@ -1,14 +1,14 @@
 """Skill contracts: what the planner may put in a plan and the executor must run.
 
-The implementations live in the executor; the contracts (input schema, side-effect
-class, cost estimate) live here because the planner needs them to validate and to
-estimate a plan before any step runs.
+The implementations live in the executor; the contracts (input schema, output
+fields, side-effect class, cost estimate) live here because the planner needs them to
+validate and to estimate a plan before any step runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -73,6 +73,40 @@ class HttpCallParams(BaseModel):
     )
 
 
+class HttpCallOutput(BaseModel):
+    """What http_call returns (a status of 400 or more is a failure, not an output)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: int
+    headers: dict[str, str] = Field(description="response headers, names in lower case")
+    body: Any = Field(description="decoded JSON for a JSON content type, else text")
+    url: str | None = Field(default=None, description="the URL called (not set by the stub)")
+
+
+class LlmUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+class LlmInvokeOutput(BaseModel):
+    """What llm_invoke returns, whichever adapter (Claude, the stub) ran it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    model: str
+    usage: LlmUsage
+    stop_reason: str | None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="only when the model used tools"
+    )
+
+
 # Prices in cents per million tokens: (input, output). Unknown models use the dearest.
 LLM_PRICES_CENTS_PER_MTOK: dict[str, tuple[int, int]] = {
     "claude-opus-4-1": (1500, 7500),
@@ -111,6 +145,15 @@ class SkillContract:
     timeout_s: float
     max_attempts: int
     estimate_cents: Callable[[dict[str, Any]], int]
+    # The output when it is an object with fixed fields; None: any JSON value.
+    output_model: type[BaseModel] | None = None
+
+    @property
+    def output_fields(self) -> frozenset[str] | None:
+        """The top-level fields of the output, or None when the output is any JSON."""
+        if self.output_model is None:
+            return None
+        return frozenset(self.output_model.model_fields)
 
 
 def _free(params: dict[str, Any]) -> int:
@@ -129,6 +172,7 @@ SKILL_CONTRACTS: dict[str, SkillContract] = {
             timeout_s=5.0,
             max_attempts=1,
             estimate_cents=_free,
+            output_model=None,  # any JSON value: whatever the operation produced
         ),
         SkillContract(
             name="llm_invoke",
@@ -139,6 +183,7 @@ SKILL_CONTRACTS: dict[str, SkillContract] = {
             timeout_s=120.0,
             max_attempts=3,
             estimate_cents=_estimate_llm,
+            output_model=LlmInvokeOutput,
         ),
         SkillContract(
             name="http_call",
@@ -149,6 +194,19 @@ SKILL_CONTRACTS: dict[str, SkillContract] = {
             timeout_s=30.0,
             max_attempts=3,
             estimate_cents=_free,
+            output_model=HttpCallOutput,
         ),
     )
 }
+
+
+def output_fields_by_skill(
+    contracts: Mapping[str, SkillContract] = SKILL_CONTRACTS,
+) -> dict[str, frozenset[str]]:
+    """Skill name -> top-level output fields, for `plan_problems`; skills whose output is
+    any JSON are left out (a reference into their output is not checked)."""
+    return {
+        name: fields
+        for name, contract in contracts.items()
+        if (fields := contract.output_fields) is not None
+    }

@@ -26,6 +26,8 @@ CONTEXT_OF_TYPE: dict[str, Context] = {
     "run.accepted": "plans",
     "plan.created": "plans",
     "plan.rejected": "plans",
+    "planning.reservation_requested": "plans",
+    "planning.call_finished": "plans",
     # executor
     "budget.reservation_requested": "runs",
     "step.started": "runs",

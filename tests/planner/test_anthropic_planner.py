@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -11,9 +12,11 @@ import pytest
 from anthropic import AsyncAnthropic
 
 from aos_contracts import GoalSubmitted, PlanCreated, PlanRejected
+from aos_contracts.events import StepTelemetry
 from aos_contracts.failures import FailureCode
 from aos_planner.anthropic_planner import AnthropicPlanner
-from aos_planner.planning import decide
+from aos_planner.backend import CallOutcome, PlanningFailed
+from aos_planner.planning import Planned, Refused, decide, plan_goal
 from tests.planner.scripted_messages_api import ScriptedMessagesApi, error, plan_call
 
 GOOD_PLAN = {
@@ -44,13 +47,14 @@ DEAR_PLAN = {
 }
 
 
-def goal(budget: int = 100) -> GoalSubmitted:
+def goal(budget: int = 100, *, replan: bool = False) -> GoalSubmitted:
     return GoalSubmitted(
         run_id=uuid.uuid4(),
         tenant="acme",
         goal="summarize the notes",
         budget_cents=budget,
         inputs={"text": "AOS plans goals."},
+        replan_within_budget=replan,
     )
 
 
@@ -116,15 +120,114 @@ async def test_a_reply_cut_off_by_max_tokens_is_repaired(api: ScriptedMessagesAp
     assert "cut off by max_tokens" in feedback
 
 
-async def test_a_plan_over_budget_twice_is_rejected_as_budget_exceeded(
+async def test_a_plan_over_budget_is_rejected_after_one_call_and_its_cost_is_counted(
     api: ScriptedMessagesApi,
 ) -> None:
-    api.replies = [plan_call(DEAR_PLAN), plan_call(DEAR_PLAN)]
+    api.replies = [plan_call(DEAR_PLAN)]
     events = await decide(goal(budget=5), planner(api))
     rejected = events[-1]
     assert isinstance(rejected, PlanRejected)
     assert rejected.code is FailureCode.BUDGET_EXCEEDED
-    assert "above the budget of 5" in rejected.reasons[-1]
+    # 900 input and 120 output tokens at claude-sonnet-4-6's price: 1 cent.
+    assert rejected.planning_cost_cents == 1
+    assert (
+        "above the 4 cents left of the budget of 5 after planning cost 1" in (rejected.reasons[0])
+    )
+    assert len(api.requests) == 1  # over budget is not an invalid plan: no repair
+
+
+async def test_a_goal_that_allows_it_is_planned_again_with_the_budget_stated(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(DEAR_PLAN), plan_call(GOOD_PLAN)]
+    events = await decide(goal(budget=5, replan=True), planner(api))
+    created = events[-1]
+    assert isinstance(created, PlanCreated)
+    assert created.replanned is True
+    assert created.planning_cost_cents == 2
+    assert [step.id for step in created.plan.steps] == ["text", "summary"]
+    second = api.requests[1]["messages"][0]["content"]
+    assert "above the 4 cents the run has left" in second
+    assert "Plan again within 4 cents" in second and '"essay"' in second
+
+
+async def test_a_plan_over_budget_twice_is_rejected_with_both_estimates(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(DEAR_PLAN), plan_call(DEAR_PLAN)]
+    events = await decide(goal(budget=5, replan=True), planner(api))
+    rejected = events[-1]
+    assert isinstance(rejected, PlanRejected)
+    assert rejected.code is FailureCode.BUDGET_EXCEEDED
+    assert rejected.planning_cost_cents == 2
+    assert len(rejected.reasons) == 2 and len(api.requests) == 2
+    assert "after planning cost 1" in rejected.reasons[0]
+    assert rejected.reasons[1].startswith("asked again within the budget: plan is estimated")
+
+
+@dataclass
+class RecordingMeter:
+    """A CallMeter that records every call and refuses those above `allow_cents`."""
+
+    allow_cents: int = 1_000_000
+    spent_cents: int = 0
+    reserved: list[int] = field(default_factory=list)
+    finished: list[tuple[str, int, StepTelemetry | None]] = field(default_factory=list)
+
+    async def before_call(self, worst_case_cents: int, model: str | None) -> None:
+        if worst_case_cents > self.allow_cents:
+            raise PlanningFailed(["refused by the test"], FailureCode.BUDGET_EXCEEDED)
+        self.reserved.append(worst_case_cents)
+
+    async def after_call(
+        self,
+        cost_cents: int,
+        *,
+        outcome: CallOutcome,
+        duration_ms: float,
+        telemetry: StepTelemetry | None = None,
+    ) -> None:
+        self.spent_cents += cost_cents
+        self.finished.append((outcome, cost_cents, telemetry))
+
+
+async def test_every_call_is_reserved_for_its_worst_case_before_and_charged_after(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(UNKNOWN_SKILL), plan_call(GOOD_PLAN)]
+    meter = RecordingMeter()
+    outcome = await plan_goal(goal(), planner(api), meter)
+    assert isinstance(outcome, Planned) and outcome.planning_cost_cents == 2
+    # max_tokens 1024 at 1500 cents per million output tokens is 1.5 cents, plus input.
+    assert len(meter.reserved) == 2 and all(2 <= cents <= 5 for cents in meter.reserved)
+    assert meter.reserved[1] >= meter.reserved[0]  # the repair turn makes a longer prompt
+    assert [(outcome, cost) for outcome, cost, _ in meter.finished] == [
+        ("invalid", 1),
+        ("plan", 1),
+    ]
+    telemetry = meter.finished[0][2]
+    assert telemetry is not None
+    assert (telemetry.backend, telemetry.model) == ("claude", "claude-sonnet-4-6")
+    assert (telemetry.input_tokens, telemetry.output_tokens) == (900, 120)
+
+
+async def test_a_call_the_budget_refuses_is_never_made(api: ScriptedMessagesApi) -> None:
+    api.replies = [plan_call(GOOD_PLAN)]
+    outcome = await plan_goal(goal(), planner(api), RecordingMeter(allow_cents=1))
+    assert isinstance(outcome, Refused)
+    assert outcome.code is FailureCode.BUDGET_EXCEEDED
+    assert outcome.planning_cost_cents == 0
+    assert api.requests == []
+
+
+async def test_a_failed_call_releases_its_reservation_and_costs_nothing(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [error(529, "overloaded_error", "Overloaded")]
+    meter = RecordingMeter()
+    with pytest.raises(anthropic.APIStatusError):
+        await plan_goal(goal(), planner(api), meter)
+    assert [(outcome, cost) for outcome, cost, _ in meter.finished] == [("error", 0)]
 
 
 async def test_an_api_failure_is_not_a_rejection_the_goal_is_retried_later(

@@ -10,8 +10,9 @@ from aos_contracts import GoalSubmitted, PlanCreated, PlanRejected, RunAccepted
 from aos_contracts.failures import FailureCode
 from aos_contracts.plans import Plan, PlanStep, plan_problems
 from aos_contracts.skills import SKILL_CONTRACTS
+from aos_planner.backend import PlanningFailed
 from aos_planner.planning import decide, estimate_cents, param_problems
-from aos_planner.stub import StubPlanner
+from aos_planner.stub import StubPlanner, within_budget
 
 
 def goal(goal_text: str, budget: int = 100, **inputs: object) -> GoalSubmitted:
@@ -131,3 +132,59 @@ def test_extract_picks_the_named_fields_from_the_named_input() -> None:
         "input": "${goal.inputs.user}",
         "keys": ["name", "email", "id"],
     }
+
+
+def dear_plan(max_tokens: int) -> Plan:
+    return Plan(
+        steps=[
+            PlanStep(id="a", skill="llm_invoke", params={"prompt": "write", "max_tokens": 200}),
+            PlanStep(
+                id="b",
+                skill="llm_invoke",
+                params={"prompt": "more", "model": "claude-opus-4-1", "max_tokens": max_tokens},
+            ),
+        ]
+    )
+
+
+def test_within_budget_lowers_max_tokens_to_the_largest_value_that_fits() -> None:
+    plan = dear_plan(8000)
+    assert estimate_cents(plan) == 1 + 61  # 8000 opus output tokens are 60 cents, + input
+    fitted = within_budget(plan, 10)
+    assert estimate_cents(fitted) <= 10
+    tokens = [step.params["max_tokens"] for step in fitted.steps]
+    assert tokens[0] == 200  # already below the common cap: unchanged
+    assert 1000 < tokens[1] < 1200  # (10 - 1 cents) / 7500 per million, less the prompt
+    bumped = [
+        step.model_copy(update={"params": {**step.params, "max_tokens": tokens[1] + 1}})
+        if step.id == "b"
+        else step
+        for step in fitted.steps
+    ]
+    assert estimate_cents(fitted.model_copy(update={"steps": bumped})) > 10  # the largest
+    assert "to fit 10 cents" in fitted.rationale
+
+
+def test_within_budget_refuses_when_not_even_one_token_fits() -> None:
+    with pytest.raises(PlanningFailed) as raised:
+        within_budget(dear_plan(8000), 1)
+    assert raised.value.code is FailureCode.BUDGET_EXCEEDED
+
+
+async def test_a_stub_plan_over_budget_is_asked_again_only_when_the_goal_allows_it() -> None:
+    def summarize(replan: bool) -> GoalSubmitted:
+        return GoalSubmitted(
+            run_id=uuid.uuid4(),
+            tenant="acme",
+            goal="summarize this",
+            budget_cents=0,
+            inputs={"text": "x"},
+            replan_within_budget=replan,
+        )
+
+    plain = (await decide(summarize(False), StubPlanner()))[-1]
+    assert isinstance(plain, PlanRejected) and len(plain.reasons) == 1
+    again = (await decide(summarize(True), StubPlanner()))[-1]
+    assert isinstance(again, PlanRejected)
+    assert again.code is FailureCode.BUDGET_EXCEEDED
+    assert again.reasons[1] == "no stub plan for this goal fits in 0 cents"

@@ -43,7 +43,12 @@ def make_system(
         **(extra_env or {}),
     }
     return System(
-        planner=ServiceProcess("planner", common, log_dir),
+        planner=ServiceProcess(
+            "planner",
+            # The planner's decisions share the test database too (tables planner_*).
+            {**common, "AOS_PLANNER_DATABASE_URL": database},
+            log_dir,
+        ),
         executor=ServiceProcess(
             "executor",
             {

@@ -233,6 +233,7 @@ def run_to_dict(state: RunState) -> dict[str, Any]:
         "rejection": state.rejection.model_dump(mode="json") if state.rejection else None,
         "cancel_reason": state.cancel_reason,
         "terminal": state.terminal,
+        "planning_cost_cents": state.planning_cost_cents,
     }
 
 
@@ -256,6 +257,7 @@ def run_from_dict(data: dict[str, Any]) -> RunState:
         state.rejection = PlanRejected.model_validate(data["rejection"])
     state.cancel_reason = data.get("cancel_reason")
     state.terminal = data.get("terminal")
+    state.planning_cost_cents = int(data.get("planning_cost_cents", 0))
     return state
 
 

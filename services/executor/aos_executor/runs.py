@@ -83,6 +83,7 @@ class RunState:
     rejection: PlanRejected | None = None
     cancel_reason: str | None = None
     terminal: str | None = None  # the type of the terminal event once published
+    planning_cost_cents: int = 0  # the planner's model calls, charged to the run too
 
     # --- folding ---------------------------------------------------------------------
 
@@ -94,7 +95,10 @@ class RunState:
                 self.correlation_id = event.correlation_id
                 self.inputs = dict(event.inputs)
                 self.steps = {step.id: StepState(step) for step in event.plan.steps}
+                self.planning_cost_cents = event.planning_cost_cents
         elif isinstance(event, PlanRejected):
+            if self.rejection is None:
+                self.planning_cost_cents = event.planning_cost_cents
             self.rejection = self.rejection or event
             self.correlation_id = self.correlation_id or event.correlation_id
         elif isinstance(event, RunCancelRequested):
@@ -187,7 +191,8 @@ class RunState:
 
     @property
     def cost_cents(self) -> int:
-        return sum(state.cost_cents for state in self.steps.values())
+        """What the run cost: its planning and every attempt of every step."""
+        return self.planning_cost_cents + sum(state.cost_cents for state in self.steps.values())
 
     def outputs(self) -> dict[str, Any]:
         return {

@@ -1,9 +1,10 @@
 """The ledger service: budgets in integer cents, per run and per tenant per period.
 
-In: goal.submitted (opens the run's budget), budget.reservation_requested (reserve or
-deny, against the run's cap and its tenant's cap for the current period),
-step.succeeded / step.failed (commit the actual cost, release the rest of the
-reservation), run.completed / run.failed / run.cancelled (release what is still held).
+In: goal.submitted (opens the run's budget), budget.reservation_requested and the
+planner's planning.reservation_requested (reserve or deny, against the run's cap and its
+tenant's cap for the current period), step.succeeded / step.failed and
+planning.call_finished (commit the actual cost, release the rest of the reservation),
+run.completed / run.failed / run.cancelled (release what is still held).
 Out: budget.opened, budget.reserved, budget.denied, budget.committed, budget.released
 (also with reason "expired", by the expiry sweeper, for a reservation never committed).
 
@@ -41,6 +42,8 @@ from aos_contracts.events import (
     BudgetReserved,
     EventEnvelope,
     GoalSubmitted,
+    PlanningCallFinished,
+    PlanningReservationRequested,
     RunCancelled,
     RunCompleted,
     RunFailed,
@@ -119,6 +122,12 @@ class LedgerService:
                 "goals",
                 self.name,
                 per_run(self.handle_goal, publish=self._publish),
+                batch_size=batch,
+            ),
+            self.bus.consumer(
+                "plans",
+                self.name,
+                per_run(self.handle_planning, publish=self._publish),
                 batch_size=batch,
             ),
             self.bus.consumer(
@@ -266,6 +275,15 @@ class LedgerService:
             return await self.release_all(event)
         return []
 
+    async def handle_planning(self, delivery: Delivery) -> list[EventEnvelope]:
+        """The planner's model calls, budgeted like steps (under the step id @planning)."""
+        event = delivery.event
+        if isinstance(event, PlanningReservationRequested):
+            return await self.decide_reservation(event)
+        if isinstance(event, PlanningCallFinished):
+            return await self.commit(event)
+        return []
+
     async def open_budget(self, goal: GoalSubmitted) -> list[EventEnvelope]:
         budget = await self._decide(
             goal, lambda: self.store.open_budget(goal.run_id, goal.tenant, goal.budget_cents)
@@ -279,7 +297,9 @@ class LedgerService:
             return []
         return [opened_event(goal, budget.cap_cents)]
 
-    async def decide_reservation(self, request: BudgetReservationRequested) -> list[EventEnvelope]:
+    async def decide_reservation(
+        self, request: BudgetReservationRequested | PlanningReservationRequested
+    ) -> list[EventEnvelope]:
         change = await self._decide(
             request,
             lambda: self.store.reserve(
@@ -308,7 +328,9 @@ class LedgerService:
             BUDGET_CENTS.labels(record.decision).inc(record.amount_cents)
         return [decision_event(request, record)]
 
-    async def commit(self, step: StepSucceeded | StepFailed) -> list[EventEnvelope]:
+    async def commit(
+        self, step: StepSucceeded | StepFailed | PlanningCallFinished
+    ) -> list[EventEnvelope]:
         change = await self._decide(
             step,
             lambda: self.store.commit(
@@ -492,7 +514,9 @@ def decision_event(source: EventEnvelope, record: Reservation) -> BudgetReserved
     )
 
 
-def committed_event(step: StepSucceeded | StepFailed, record: Reservation) -> BudgetCommitted:
+def committed_event(
+    step: StepSucceeded | StepFailed | PlanningCallFinished, record: Reservation
+) -> BudgetCommitted:
     return _answer(
         step,
         BudgetCommitted,

@@ -2,10 +2,14 @@
 
 The skills and their input schemas are described to Claude, and one tool,
 `submit_plan`, takes the plan; `tool_choice` forces the reply to be that call. The reply
-is parsed into a Plan and validated like any plan (skills, params, references, cycles,
-budget). An unparseable or invalid reply — or one cut off by `max_tokens` — gets one
+is parsed into a Plan and validated like any plan (skills, params, references, cycles).
+An unparseable or invalid reply — or one cut off by `max_tokens` — gets one
 repair attempt: the errors go back to Claude as the tool's error result. If the second
 reply is no better, the goal is rejected with every reason.
+
+Each call is metered (`CallMeter`): in the service, reserved on the ledger for its worst
+case before it is made and charged to the run after. Whether the plan fits the budget
+is judged by `decide`, against what the run has left once planning is paid for.
 
 Errors of the API itself (connection, 5xx, rate limits after the SDK's own retries)
 are not rejections: they propagate, so the goal is redelivered and planned later.
@@ -13,19 +17,21 @@ are not rejections: they propagate, so the goal is redelivered and planned later
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from typing import cast
 
 from anthropic import AsyncAnthropic
 from anthropic.types import Message, MessageParam, ToolChoiceToolParam, ToolParam, ToolUseBlock
 from pydantic import ValidationError
 
-from aos_contracts.events import GoalSubmitted
+from aos_contracts.events import GoalSubmitted, StepTelemetry
 from aos_contracts.failures import FailureCode
-from aos_contracts.plans import Plan
-from aos_contracts.skills import SKILL_CONTRACTS, llm_cost_cents
-from aos_planner.backend import PlanningFailed
-from aos_planner.planning import budget_problem, validation_problems
+from aos_contracts.plans import DEFAULT_PLAN_LIMITS, Plan, PlanLimits
+from aos_contracts.skills import SKILL_CONTRACTS, estimate_input_tokens, llm_cost_cents
+from aos_planner.backend import CallMeter, OverBudget, PlanningFailed, Unmetered
+from aos_planner.planning import validation_problems
 
 PLAN_TOOL = "submit_plan"
 REPAIR_ATTEMPTS = 1
@@ -35,9 +41,12 @@ def _skills_description() -> str:
     lines = []
     for contract in SKILL_CONTRACTS.values():
         schema = contract.params_model.model_json_schema()
+        fields = contract.output_fields
+        output = ", ".join(sorted(fields)) if fields is not None else "any JSON"
         lines.append(
             f"- {contract.name} (v{contract.version}, {contract.side_effect.value}): "
-            f"{contract.description}. params schema: {json.dumps(schema, sort_keys=True)}"
+            f"{contract.description}. params schema: {json.dumps(schema, sort_keys=True)}. "
+            f"output fields: {output}"
         )
     return "\n".join(lines)
 
@@ -59,58 +68,125 @@ PLAN_TOOL_DEFINITION: ToolParam = {
     "description": "Submit the plan for the goal.",
     "input_schema": Plan.model_json_schema(),
 }
+PLAN_TOOL_CHOICE: ToolChoiceToolParam = {"type": "tool", "name": PLAN_TOOL}
 
 
 class AnthropicPlanner:
     name = "anthropic"
     is_stub = False
 
-    def __init__(self, client: AsyncAnthropic, *, model: str, max_tokens: int) -> None:
+    def __init__(
+        self,
+        client: AsyncAnthropic,
+        *,
+        model: str,
+        max_tokens: int,
+        limits: PlanLimits = DEFAULT_PLAN_LIMITS,
+    ) -> None:
         self.client = client
         self.model = model
         self.max_tokens = max_tokens
-        self.spent_cents = 0  # what planning calls cost, from reported usage
+        self.limits = limits
+        self._fixed_prompt_chars = len(SYSTEM_PROMPT) + len(json.dumps(PLAN_TOOL_DEFINITION))
 
-    async def make_plan(self, goal: GoalSubmitted) -> Plan:
-        messages: list[MessageParam] = [{"role": "user", "content": _goal_prompt(goal)}]
-        tool_choice: ToolChoiceToolParam = {"type": "tool", "name": PLAN_TOOL}
+    def worst_case_cents(self, messages: list[MessageParam]) -> int:
+        """What one call may cost at most: the prompt's estimated tokens, and every allowed
+        output token, at the model's price (the dearest model's, when it is unknown)."""
+        chars = self._fixed_prompt_chars + len(json.dumps(messages, default=str))
+        return llm_cost_cents(self.model, estimate_input_tokens("x" * chars), self.max_tokens)
+
+    async def make_plan(
+        self,
+        goal: GoalSubmitted,
+        meter: CallMeter | None = None,
+        *,
+        over_budget: OverBudget | None = None,
+    ) -> Plan:
+        meter = meter or Unmetered()
+        messages: list[MessageParam] = [
+            {"role": "user", "content": _goal_prompt(goal, over_budget)}
+        ]
         problems: list[str] = []
         for attempt in range(1 + REPAIR_ATTEMPTS):
-            reply = await self.client.messages.create(
-                model=self.model,
-                max_tokens=self.max_tokens,
-                system=SYSTEM_PROMPT,
-                tools=[PLAN_TOOL_DEFINITION],
-                tool_choice=tool_choice,
-                messages=messages,
-            )
-            self.spent_cents += llm_cost_cents(
-                self.model, reply.usage.input_tokens, reply.usage.output_tokens
-            )
-            plan, problems, tool_use = _read_reply(reply, goal)
+            reply, (plan, problems, tool_use) = await self._call(messages, meter)
             if plan is not None:
                 return plan
             if attempt == REPAIR_ATTEMPTS:
                 break
             messages += _repair_turn(reply, tool_use, problems)
-        code = (
-            FailureCode.BUDGET_EXCEEDED
-            if problems and all("above the budget" in problem for problem in problems)
-            else FailureCode.PLAN_INVALID
-        )
         raise PlanningFailed(
-            [f"the model's plan was invalid after {1 + REPAIR_ATTEMPTS} attempts", *problems], code
+            [f"the model's plan was invalid after {1 + REPAIR_ATTEMPTS} attempts", *problems],
+            FailureCode.PLAN_INVALID,
         )
 
+    async def _call(
+        self, messages: list[MessageParam], meter: CallMeter
+    ) -> tuple[Message, tuple[Plan | None, list[str], ToolUseBlock | None]]:
+        """One metered call, and what its reply holds: the call is reserved before, and
+        its cost (from reported usage) reported after, with whether it held a plan."""
+        await meter.before_call(self.worst_case_cents(messages), self.model)
+        started = time.perf_counter()
+        try:
+            reply = await self.client.messages.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                system=SYSTEM_PROMPT,
+                tools=[PLAN_TOOL_DEFINITION],
+                tool_choice=PLAN_TOOL_CHOICE,
+                messages=messages,
+            )
+        except Exception:
+            # Nothing to charge for a call that failed (the API bills no failed request);
+            # the reservation is released now rather than left to expire. If even that
+            # fails, the ledger's expiry sweep releases it.
+            with contextlib.suppress(Exception):
+                await meter.after_call(
+                    0, outcome="error", duration_ms=_since_ms(started), telemetry=None
+                )
+            raise
+        usage = reply.usage
+        cost = llm_cost_cents(self.model, usage.input_tokens, usage.output_tokens)
+        read = _read_reply(reply, self.limits)
+        await meter.after_call(
+            cost,
+            outcome="plan" if read[0] is not None else "invalid",
+            duration_ms=_since_ms(started),
+            telemetry=StepTelemetry(
+                backend="claude",
+                calls=1,
+                model=reply.model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens,
+                cache_read_input_tokens=usage.cache_read_input_tokens,
+            ),
+        )
+        return reply, read
 
-def _goal_prompt(goal: GoalSubmitted) -> str:
+
+def _since_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _goal_prompt(goal: GoalSubmitted, over_budget: OverBudget | None) -> str:
     inputs = json.dumps(goal.inputs, sort_keys=True)[:4000]
-    return f"Goal: {goal.goal}\nBudget: {goal.budget_cents} cents\nInputs (JSON): {inputs}"
+    prompt = f"Goal: {goal.goal}\nBudget: {goal.budget_cents} cents\nInputs (JSON): {inputs}"
+    if over_budget is not None:
+        previous = over_budget.plan.model_dump_json(exclude_defaults=True)[:4000]
+        prompt += (
+            f"\n\nA previous plan for this goal was estimated at {over_budget.estimated_cents}"
+            f" cents, above the {over_budget.remaining_cents} cents the run has left for its"
+            f" steps. Plan again within {over_budget.remaining_cents} cents: fewer or cheaper"
+            f" steps, a smaller max_tokens or a cheaper model.\nThe previous plan: {previous}"
+        )
+    return prompt
 
 
 def _read_reply(
-    reply: Message, goal: GoalSubmitted
+    reply: Message, limits: PlanLimits
 ) -> tuple[Plan | None, list[str], ToolUseBlock | None]:
+    """The plan in the reply if it is valid; otherwise every reason it is not. The budget
+    is not judged here: `decide` does that, against what the run has left after planning."""
     tool_use = next((block for block in reply.content if isinstance(block, ToolUseBlock)), None)
     if reply.stop_reason == "max_tokens":
         return None, ["the reply was cut off by max_tokens before the plan was complete"], tool_use
@@ -124,10 +200,7 @@ def _read_reply(
             for error in exc.errors()[:10]
         ]
         return None, problems, tool_use
-    problems = validation_problems(plan)
-    over_budget = None if problems else budget_problem(plan, goal.budget_cents)
-    if over_budget:
-        problems = [over_budget]
+    problems = validation_problems(plan, limits)
     return (None if problems else plan), problems, tool_use
 
 

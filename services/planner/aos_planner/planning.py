@@ -1,12 +1,18 @@
 """From a goal to the planner's decision: the events it publishes.
 
 Whatever the backend, a plan is validated here before it is accepted: every skill
-exists, params fit the skill's input schema, references point at earlier steps, no
-cycles, and the worst-case cost (each skill's cost model) fits the budget. An invalid
-plan is rejected with every reason and never runs.
+exists, params fit the skill's input schema, references point at earlier steps and at
+fields their output has, no cycles, step count and depth within the configured limits,
+and the worst-case cost (each skill's cost model) fits what the run has left once
+planning is paid for. An invalid plan is rejected with every reason and never runs; a
+plan above the budget is asked for again, once, when the goal allows it.
 """
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aos_contracts.events import (
     EventEnvelope,
@@ -16,9 +22,16 @@ from aos_contracts.events import (
     RunAccepted,
 )
 from aos_contracts.failures import FailureCode
-from aos_contracts.plans import Plan, plan_problems, references_in
-from aos_contracts.skills import SKILL_CONTRACTS
-from aos_planner.backend import Planner, PlanningFailed
+from aos_contracts.plans import (
+    DEFAULT_PLAN_LIMITS,
+    Plan,
+    PlanLimits,
+    limit_problems,
+    plan_problems,
+    references_in,
+)
+from aos_contracts.skills import SKILL_CONTRACTS, output_fields_by_skill
+from aos_planner.backend import CallMeter, OverBudget, Planner, PlanningFailed, Unmetered
 
 
 def param_problems(plan: Plan) -> list[str]:
@@ -59,8 +72,14 @@ def estimate_cents(plan: Plan) -> int:
     return total
 
 
-def validation_problems(plan: Plan) -> list[str]:
-    return plan_problems(plan, set(SKILL_CONTRACTS)) + param_problems(plan)
+def validation_problems(plan: Plan, limits: PlanLimits = DEFAULT_PLAN_LIMITS) -> list[str]:
+    """Every reason to reject the plan: its size against `limits`, then skills,
+    references (to earlier steps and to fields their output has), cycles, and params."""
+    return (
+        limit_problems(plan, limits)
+        + plan_problems(plan, set(SKILL_CONTRACTS), output_fields_by_skill())
+        + param_problems(plan)
+    )
 
 
 def budget_problem(plan: Plan, budget_cents: int) -> str | None:
@@ -70,38 +89,131 @@ def budget_problem(plan: Plan, budget_cents: int) -> str | None:
     return None
 
 
-async def decide(goal: GoalSubmitted, planner: Planner) -> list[EventEnvelope]:
-    """The events that answer one goal: accepted, then a plan or a rejection."""
-    accepted = goal.caused(
+Validate = Callable[[Plan], list[str]]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A goal's plan, accepted: valid, and estimated within what the run has left."""
+
+    plan: Plan
+    estimated_cents: int
+    planning_cost_cents: int
+    replanned: bool = False
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A goal no acceptable plan came from, with every reason."""
+
+    reasons: list[str]
+    code: FailureCode
+    planning_cost_cents: int
+
+
+async def plan_goal(
+    goal: GoalSubmitted,
+    planner: Planner,
+    meter: CallMeter,
+    *,
+    validate: Validate = validation_problems,
+    recorded: Plan | None = None,
+) -> Planned | Refused:
+    """Ask the backend for a plan (or take `recorded`, a plan reused from an earlier run),
+    validate it, and check its worst case against what the run has left once planning
+    is paid for. A plan above that is refused, or, when the goal allows it, asked for
+    once more with the budget stated."""
+
+    def refused(reasons: list[str], code: FailureCode) -> Refused:
+        return Refused(reasons, code, meter.spent_cents)
+
+    try:
+        plan = recorded if recorded is not None else await planner.make_plan(goal, meter)
+    except PlanningFailed as exc:
+        return refused(exc.reasons, exc.code)
+    problems = validate(plan)
+    if problems:
+        return refused(problems, FailureCode.PLAN_INVALID)
+    over_budget = _over_budget(plan, goal, meter.spent_cents)
+    if over_budget is None:
+        return Planned(plan, estimate_cents(plan), meter.spent_cents)
+    if not goal.replan_within_budget or recorded is not None:
+        return refused([over_budget], FailureCode.BUDGET_EXCEEDED)
+    first = OverBudget(plan, estimate_cents(plan), goal.budget_cents - meter.spent_cents)
+    try:
+        plan = await planner.make_plan(goal, meter, over_budget=first)
+    except PlanningFailed as exc:
+        return refused([over_budget, *exc.reasons], exc.code)
+    problems = validate(plan)
+    if problems:
+        return refused(
+            [over_budget, "the plan asked for within the budget is invalid:", *problems],
+            FailureCode.PLAN_INVALID,
+        )
+    still_over = _over_budget(plan, goal, meter.spent_cents)
+    if still_over is not None:
+        return refused(
+            [over_budget, f"asked again within the budget: {still_over}"],
+            FailureCode.BUDGET_EXCEEDED,
+        )
+    return Planned(plan, estimate_cents(plan), meter.spent_cents, replanned=True)
+
+
+def _over_budget(plan: Plan, goal: GoalSubmitted, planning_cents: int) -> str | None:
+    """Why the plan does not fit what the run has left after planning; None if it does."""
+    if planning_cents == 0:
+        return budget_problem(plan, goal.budget_cents)
+    remaining = goal.budget_cents - planning_cents
+    estimate = estimate_cents(plan)
+    if estimate <= remaining:
+        return None
+    return (
+        f"plan is estimated at {estimate} cents, above the {remaining} cents left of the "
+        f"budget of {goal.budget_cents} after planning cost {planning_cents}"
+    )
+
+
+def accepted_event(goal: GoalSubmitted, backend: str) -> RunAccepted:
+    return goal.caused(
         RunAccepted,
         "run.accepted",
         goal=goal.goal,
         budget_cents=goal.budget_cents,
         inputs=goal.inputs,
-        planner_backend=planner.name,
+        planner_backend=backend,
     )
-    try:
-        plan = await planner.make_plan(goal)
-    except PlanningFailed as exc:
-        return [accepted, *_reject(goal, exc.reasons, exc.code)]
-    problems = validation_problems(plan)
-    if problems:
-        return [accepted, *_reject(goal, problems, FailureCode.PLAN_INVALID)]
-    over_budget = budget_problem(plan, goal.budget_cents)
-    if over_budget:
-        return [accepted, *_reject(goal, [over_budget], FailureCode.BUDGET_EXCEEDED)]
-    estimate = estimate_cents(plan)
-    created = goal.caused(
+
+
+def decision_event(
+    goal: GoalSubmitted, outcome: Planned | Refused, *, reused_plan_of: uuid.UUID | None = None
+) -> PlanCreated | PlanRejected:
+    """The event that ends planning. The executor owns the run's lifecycle: it answers
+    plan.rejected with run.failed."""
+    if isinstance(outcome, Refused):
+        return goal.caused(
+            PlanRejected,
+            "plan.rejected",
+            reasons=outcome.reasons,
+            code=outcome.code,
+            planning_cost_cents=outcome.planning_cost_cents,
+        )
+    return goal.caused(
         PlanCreated,
         "plan.created",
-        plan=plan,
-        estimated_cents=estimate,
+        plan=outcome.plan,
+        estimated_cents=outcome.estimated_cents,
         budget_cents=goal.budget_cents,
         inputs=goal.inputs,
+        planning_cost_cents=outcome.planning_cost_cents,
+        replanned=outcome.replanned,
+        reused_plan_of=reused_plan_of,
     )
-    return [accepted, created]
 
 
-def _reject(goal: GoalSubmitted, reasons: list[str], code: FailureCode) -> list[EventEnvelope]:
-    # The executor owns the run's lifecycle: it answers plan.rejected with run.failed.
-    return [goal.caused(PlanRejected, "plan.rejected", reasons=reasons, code=code)]
+async def decide(
+    goal: GoalSubmitted, planner: Planner, *, validate: Validate = validation_problems
+) -> list[EventEnvelope]:
+    """The events that answer one goal with an unmetered backend: accepted, then a plan
+    or a rejection (the service meters paid backends; see metering.py)."""
+    outcome = await plan_goal(goal, planner, Unmetered(), validate=validate)
+    return [accepted_event(goal, planner.name), decision_event(goal, outcome)]

@@ -1,23 +1,40 @@
 """The planner service: goal.submitted in, run.accepted + plan.created/plan.rejected out.
 
-State: the set of runs already decided, rebuilt at start by replaying the planner's own
-stream (so a resubmitted goal never gets a second plan, across restarts). The decision's
-event ids derive from the goal's, so a crash between publishing and acknowledging makes
-the redelivered goal re-publish the same events, which JetStream then drops as duplicates.
+State: its decisions, in its own store (Postgres; in memory without a database), caught
+up at start from its own stream, so a resubmitted goal never gets a second plan across
+restarts. A decision is recorded before it is published and marked published after: a
+goal redelivered after a crash in between republishes the recorded decision instead of
+asking a paid backend again. Event ids derive from the goal's, so a republished event is
+dropped by JetStream as a duplicate.
+
+Planning calls of a paid backend are budgeted on the ledger like steps (metering.py).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 
 from anthropic import AsyncAnthropic
 
-from aos_contracts.events import GoalSubmitted, PlanRejected, RunAccepted
+from aos_contracts.codec import EventDecodeError, decode_event
+from aos_contracts.events import AnyEvent, EventEnvelope, GoalSubmitted, PlanRejected
+from aos_contracts.failures import FailureCode
+from aos_contracts.plans import Plan
 from aos_planner.anthropic_planner import AnthropicPlanner
-from aos_planner.backend import Planner
-from aos_planner.planning import decide
+from aos_planner.backend import Planner, Unmetered
+from aos_planner.metering import LedgerMeter
+from aos_planner.planning import (
+    Planned,
+    Refused,
+    accepted_event,
+    decision_event,
+    plan_goal,
+    validation_problems,
+)
 from aos_planner.settings import PlannerSettings
+from aos_planner.store import DecisionStore, make_store
 from aos_planner.stub import StubPlanner
 from aos_plumbing import metrics
 from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, bearer_token, message_time
@@ -28,6 +45,11 @@ from aos_plumbing.reachability import AnthropicProbe
 log = logging.getLogger(__name__)
 
 PLANS = metrics.counter("aos_planner_decisions_total", "planner decisions", ("outcome", "backend"))
+PLANNING_CENTS = metrics.counter(
+    "aos_planning_cents_total", "what planning model calls cost, in cents", ("backend",)
+)
+
+CATCH_UP_BATCH = 500
 
 
 class PlannerService:
@@ -37,34 +59,54 @@ class PlannerService:
         self.settings = settings
         self.planner = make_planner(settings)
         self.auth = Authenticator.from_settings(settings)
-        self.decided: set[uuid.UUID] = set()
+        self.store: DecisionStore = make_store(settings.database_url)
         self.bus: EventBus | None = None
         self.consumer: LogConsumer | None = None
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
         self.http.backends = {
             "planner": self.planner.name,
+            "decision_store": self.store.name,
             "auth": self.auth.mode,
             "rbac": self.auth.rbac_mode,
         }
 
+    def validate(self, plan: Plan) -> list[str]:
+        return validation_problems(plan, self.settings.plan_limits())
+
     async def start(self) -> None:
         self.bus = await EventBus.open(self.settings, self.name)
-        async for event in self.bus.replay_events("plans"):
-            # A refused goal gets plan.rejected without run.accepted: decided too.
-            if isinstance(event, RunAccepted | PlanRejected):
-                self.decided.add(event.run_id)
-        log.info("planner rebuilt: %d runs already decided", len(self.decided))
+        await self.store.start()
+        await self.catch_up()
         self.consumer = self.bus.consumer(
             "goals", "planner", per_run(self.handle), batch_size=self.settings.consumer_batch
         )
         await self.consumer.start()
         bus = self.bus
         self.http.add_check("nats", lambda: _true(bus.connected))
+        self.http.add_check("decision_store", self.store.ping)
         key = self.settings.anthropic_api_key
         if self.settings.backend == "anthropic" and key is not None:
             probe = AnthropicProbe(key.get_secret_value(), self.settings.anthropic_base_url)
             self.http.add_check("anthropic", probe.check)
         await self.http.start()
+
+    async def catch_up(self) -> None:
+        """Bring the store up to the end of the plans stream: nothing to do when it is
+        current, the whole stream when it is new or was wiped."""
+        assert self.bus is not None
+        start = await self.store.applied_through() + 1
+        batch: list[tuple[int, AnyEvent]] = []
+        changed = 0
+        async for seq, msg in self.bus.replay("plans", start_seq=start):
+            try:
+                batch.append((seq, decode_event(msg.data)))
+            except EventDecodeError:
+                continue  # parked by the consumers that read it
+            if len(batch) >= CATCH_UP_BATCH:
+                changed += await self.store.apply_log(batch)
+                batch = []
+        changed += await self.store.apply_log(batch)
+        log.info("planner store caught up from seq %d: %d decisions added", start, changed)
 
     async def stop(self) -> None:
         if self.consumer:
@@ -72,38 +114,106 @@ class PlannerService:
         await self.http.stop()
         if self.bus:
             await self.bus.close()
+        await self.store.close()
 
     async def handle(self, delivery: Delivery) -> None:
         goal = delivery.event
         if not isinstance(goal, GoalSubmitted):
             return  # run.cancel_requested is the executor's business
-        if goal.run_id in self.decided:
-            log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
-            return
         assert self.bus is not None
-        if self.auth.enabled:
-            try:
-                self.auth.authorize(
-                    bearer_token(delivery.msg.headers),
-                    tenant=goal.tenant,
-                    role=ROLE_SUBMIT,
-                    at=message_time(delivery.msg),
-                )
-            except AuthError as exc:
-                # Refused at the door: no run.accepted, and the executor answers the
-                # rejection with run.failed, so the submitter sees why.
-                log.warning("run %s: goal refused: %s", goal.run_id, exc.reason)
-                refusal = goal.caused(
-                    PlanRejected, "plan.rejected", reasons=[exc.reason], code=exc.code
-                )
-                await self.bus.publish_all([refusal])
-                self.decided.add(goal.run_id)
-                PLANS.labels(exc.code.value.lower(), self.planner.name).inc()
-                return
-        events = await decide(goal, self.planner)
-        await self.bus.publish_all(events)
-        self.decided.add(goal.run_id)
-        PLANS.labels(str(getattr(events[-1], "type")), self.planner.name).inc()
+        recorded = await self.store.decision(goal.run_id)
+        if recorded is not None:
+            if recorded.tenant != goal.tenant:
+                # Another tenant's goal naming this run id: it must neither see nor change
+                # the run, so it gets no answer at all.
+                log.warning("run %s belongs to another tenant; goal ignored", goal.run_id)
+            elif recorded.published_seq is None:
+                # Decided before a crash, perhaps not published: publish what was decided
+                # (same ids, so the log keeps one copy), never decide again.
+                log.info("run %s: publishing the decision recorded before a restart", goal.run_id)
+                await self._publish(goal, recorded.events)
+            else:
+                log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
+            return
+        refusal = self._refusal(delivery, goal)
+        events = [refusal] if refusal is not None else await self._decide(goal)
+        decision = await self.store.record(goal.run_id, goal.tenant, events)
+        await self._publish(goal, decision.events)
+        last = decision.events[-1]
+        PLANS.labels(_outcome_label(last), self.planner.name).inc()
+        cost = getattr(last, "planning_cost_cents", 0)
+        if cost:
+            PLANNING_CENTS.labels(self.planner.name).inc(cost)
+
+    def _refusal(self, delivery: Delivery, goal: GoalSubmitted) -> PlanRejected | None:
+        """plan.rejected for a goal whose token does not allow it; None when allowed.
+
+        Refused at the door: no run.accepted, and the executor answers the rejection
+        with run.failed, so the submitter sees why."""
+        if not self.auth.enabled:
+            return None
+        try:
+            self.auth.authorize(
+                bearer_token(delivery.msg.headers),
+                tenant=goal.tenant,
+                role=ROLE_SUBMIT,
+                at=message_time(delivery.msg),
+            )
+        except AuthError as exc:
+            log.warning("run %s: goal refused: %s", goal.run_id, exc.reason)
+            return goal.caused(PlanRejected, "plan.rejected", reasons=[exc.reason], code=exc.code)
+        return None
+
+    async def _decide(self, goal: GoalSubmitted) -> list[EventEnvelope]:
+        """run.accepted (unless the meter published it already) and the decision."""
+        assert self.bus is not None
+        accepted = accepted_event(goal, self.planner.name)
+        if goal.reuse_plan_of is not None:
+            return [accepted, await self._reuse(goal, goal.reuse_plan_of)]
+        meter = LedgerMeter(
+            self.bus,
+            goal,
+            backend=self.planner.name,
+            timeout_s=self.settings.ledger_timeout_s,
+            publish_first=[accepted],
+        )
+        try:
+            outcome = await plan_goal(goal, self.planner, meter, validate=self.validate)
+        finally:
+            await meter.close()
+        decision = decision_event(goal, outcome)
+        return [decision] if meter.published_first else [accepted, decision]
+
+    async def _reuse(self, goal: GoalSubmitted, earlier: uuid.UUID) -> EventEnvelope:
+        """The decision for a goal that names an earlier run's plan: that plan, validated
+        and estimated again (skills and prices may have changed), with no backend call."""
+        previous = await self.store.recorded_plan(goal.tenant, earlier)
+        outcome: Planned | Refused
+        if previous is None:
+            outcome = Refused(
+                [f"run {earlier} has no recorded plan for tenant {goal.tenant!r} to reuse"],
+                FailureCode.PLAN_INVALID,
+                0,
+            )
+            return decision_event(goal, outcome)
+        outcome = await plan_goal(
+            goal, self.planner, Unmetered(), validate=self.validate, recorded=previous.plan
+        )
+        return decision_event(goal, outcome, reused_plan_of=earlier)
+
+    async def _publish(self, goal: GoalSubmitted, events: Sequence[EventEnvelope]) -> None:
+        assert self.bus is not None
+        acks = await self.bus.publish_all(events)
+        await self.store.mark_published(goal.run_id, max(ack.seq for ack in acks))
+
+
+def _outcome_label(event: EventEnvelope) -> str:
+    if isinstance(event, PlanRejected) and event.code in (
+        FailureCode.UNAUTHORIZED,
+        FailureCode.FORBIDDEN,
+    ):
+        return event.code.value.lower()
+    return str(getattr(event, "type"))
 
 
 def make_planner(settings: PlannerSettings) -> Planner:
@@ -118,7 +228,10 @@ def make_planner(settings: PlannerSettings) -> Planner:
         max_retries=settings.anthropic_max_retries,
     )
     return AnthropicPlanner(
-        client, model=settings.planner_model, max_tokens=settings.planner_max_tokens
+        client,
+        model=settings.planner_model,
+        max_tokens=settings.planner_max_tokens,
+        limits=settings.plan_limits(),
     )
 
 

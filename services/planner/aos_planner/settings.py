@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
+from aos_contracts.plans import MAX_PLAN_STEPS, PlanLimits
 from aos_plumbing.settings import CommonSettings
 
 
@@ -15,3 +16,34 @@ class PlannerSettings(CommonSettings):
     anthropic_max_retries: int = Field(default=3, alias="AOS_ANTHROPIC_MAX_RETRIES", ge=0)
     planner_model: str = Field(default="claude-sonnet-4-6", alias="AOS_PLANNER_MODEL")
     planner_max_tokens: int = Field(default=4096, alias="AOS_PLANNER_MAX_TOKENS", ge=256)
+    database_url: str | None = Field(
+        default=None,
+        alias="AOS_PLANNER_DATABASE_URL",
+        description="the planner's decisions (asyncpg DSN); unset: in memory, rebuilt from "
+        "the plans stream at each start (tests, demos; not production)",
+    )
+    max_plan_steps: int = Field(
+        default=MAX_PLAN_STEPS,
+        alias="AOS_PLAN_MAX_STEPS",
+        ge=1,
+        le=MAX_PLAN_STEPS,
+        description="a plan with more steps is rejected",
+    )
+    max_plan_depth: int = Field(
+        default=MAX_PLAN_STEPS,
+        alias="AOS_PLAN_MAX_DEPTH",
+        ge=1,
+        le=MAX_PLAN_STEPS,
+        description="a plan whose longest dependency chain has more steps is rejected",
+    )
+
+    ledger_timeout_s: float = Field(
+        default=10.0,
+        alias="AOS_PLANNER_LEDGER_TIMEOUT_S",
+        gt=0,
+        description="how long to wait for the ledger's answer on a planning call; then the "
+        "goal is retried later",
+    )
+
+    def plan_limits(self) -> PlanLimits:
+        return PlanLimits(max_steps=self.max_plan_steps, max_depth=self.max_plan_depth)

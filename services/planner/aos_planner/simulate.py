@@ -20,14 +20,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from aos_contracts.events import GoalSubmitted
+from aos_contracts.plans import Plan
 from aos_contracts.skills import SKILL_CONTRACTS
-from aos_planner.backend import PlanningFailed
-from aos_planner.planning import budget_problem, estimate_cents, validation_problems
+from aos_planner.backend import Planner, PlanningFailed, Unmetered
+from aos_planner.planning import Refused, estimate_cents, plan_goal, validation_problems
 from aos_planner.service import make_planner
 from aos_planner.settings import PlannerSettings
 
 
-async def simulate(text: str, budget_cents: int, inputs: dict[str, Any]) -> dict[str, Any]:
+async def simulate(
+    text: str, budget_cents: int, inputs: dict[str, Any], *, replan: bool = False
+) -> dict[str, Any]:
+    """The planner's decision for the goal, as the service would take it, without the
+    bus or the ledger: a paid backend's calls are counted, not reserved."""
     settings = PlannerSettings()
     planner = make_planner(settings)
     goal = GoalSubmitted(
@@ -36,18 +41,56 @@ async def simulate(text: str, budget_cents: int, inputs: dict[str, Any]) -> dict
         goal=text,
         budget_cents=budget_cents,
         inputs=inputs,
+        replan_within_budget=replan,
     )
     report: dict[str, Any] = {"goal": text, "budget_cents": budget_cents, "backend": planner.name}
+    meter = Unmetered()
+    outcome = await plan_goal(
+        goal,
+        planner,
+        meter,
+        validate=lambda plan: validation_problems(plan, settings.plan_limits()),
+    )
+    report["planning_cost_cents"] = meter.spent_cents
+    if isinstance(outcome, Refused):
+        # The plan that was refused is not returned by plan_goal; a stub plan is shown
+        # again for its per-step estimates (the stub is deterministic and free).
+        plan = await _plan_for_display(planner, goal)
+        return {
+            **report,
+            "feasible": False,
+            "reasons": outcome.reasons,
+            "estimated_cents": None if plan is None else estimate_cents(plan),
+            "rationale": "" if plan is None else plan.rationale,
+            "steps": [] if plan is None else _steps(plan),
+        }
+    return {
+        **report,
+        "feasible": True,
+        "reasons": [],
+        "estimated_cents": outcome.estimated_cents,
+        "replanned": outcome.replanned,
+        "rationale": outcome.plan.rationale,
+        "steps": _steps(outcome.plan),
+    }
+
+
+async def _plan_for_display(planner: Planner, goal: GoalSubmitted) -> Plan | None:
+    if not planner.is_stub:
+        return None  # asking a paid backend again only to show its plan: no
     try:
-        plan = await planner.make_plan(goal)
-    except PlanningFailed as exc:
-        return {**report, "feasible": False, "reasons": exc.reasons, "steps": []}
+        return await planner.make_plan(goal)
+    except PlanningFailed:
+        return None
+
+
+def _steps(plan: Plan) -> list[dict[str, Any]]:
     steps = []
     for step in plan.steps:
         try:
             estimate: int | None = SKILL_CONTRACTS[step.skill].estimate_cents(step.params)
         except (KeyError, ValueError):
-            estimate = None  # unknown skill (reported below) or params resolved at run time
+            estimate = None  # unknown skill (reported) or params resolved at run time
         steps.append(
             {
                 "id": step.id,
@@ -57,18 +100,7 @@ async def simulate(text: str, budget_cents: int, inputs: dict[str, Any]) -> dict
                 "params": step.params,
             }
         )
-    reasons = validation_problems(plan)
-    over = None if reasons else budget_problem(plan, budget_cents)
-    if over:
-        reasons = [over]
-    return {
-        **report,
-        "feasible": not reasons,
-        "reasons": reasons,
-        "estimated_cents": None if reasons and not over else estimate_cents(plan),
-        "rationale": plan.rationale,
-        "steps": steps,
-    }
+    return steps
 
 
 def render(report: dict[str, Any]) -> str:
@@ -77,8 +109,11 @@ def render(report: dict[str, Any]) -> str:
         f"backend   {report['backend']}",
         f"budget    {report['budget_cents']} cents",
     ]
+    if report.get("planning_cost_cents"):
+        lines.append(f"planning  {report['planning_cost_cents']} cents (the planner's calls)")
     if report.get("estimated_cents") is not None:
-        lines.append(f"estimate  {report['estimated_cents']} cents (worst case)")
+        replanned = " (asked again within the budget)" if report.get("replanned") else ""
+        lines.append(f"estimate  {report['estimated_cents']} cents (worst case){replanned}")
     lines.append(f"feasible  {'yes' if report['feasible'] else 'no'}")
     for reason in report["reasons"]:
         lines.append(f"  - {reason}")
@@ -96,13 +131,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("goal")
     parser.add_argument("--budget-cents", type=int, required=True)
     parser.add_argument("--input-json", default="{}")
+    parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="when the plan is above the budget, ask once more with the budget stated",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         inputs = json.loads(args.input_json)
         if not isinstance(inputs, dict):
             raise ValueError("--input-json must be a JSON object")
-        report = asyncio.run(simulate(args.goal, args.budget_cents, inputs))
+        report = asyncio.run(simulate(args.goal, args.budget_cents, inputs, replan=args.replan))
     except (ValueError, ValidationError) as exc:
         print(f"aos: error: {exc}", file=sys.stderr)
         return 2

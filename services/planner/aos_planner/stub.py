@@ -12,6 +12,10 @@ Rules, tried in order (the first that matches wins):
    `inputs.<key>` (or from the inputs themselves without `from`).
 
 A goal no rule matches is rejected, with the rules listed in the reason.
+
+Asked again within a budget (a goal with `replan_within_budget` whose plan was estimated
+above it), the stub lowers every llm_invoke step's `max_tokens` to the largest common
+value that fits; when not even one token fits, the goal is rejected.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aos_contracts.events import GoalSubmitted
+from aos_contracts.failures import FailureCode
 from aos_contracts.plans import Plan, PlanStep
-from aos_planner.backend import PlanningFailed
+from aos_contracts.skills import LlmInvokeParams
+from aos_planner.backend import CallMeter, OverBudget, PlanningFailed
+from aos_planner.planning import estimate_cents
 
 Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str], dict[str, Any]], Plan]]
 
@@ -149,14 +156,25 @@ RULES: list[Rule] = [
 
 
 class StubPlanner:
+    """Free and deterministic: it makes no model call, so it never touches the meter."""
+
     name = "stub"
     is_stub = True
 
-    async def make_plan(self, goal: GoalSubmitted) -> Plan:
+    async def make_plan(
+        self,
+        goal: GoalSubmitted,
+        meter: CallMeter | None = None,
+        *,
+        over_budget: OverBudget | None = None,
+    ) -> Plan:
         try:
-            return self.plan(goal.goal, goal.inputs)
+            plan = self.plan(goal.goal, goal.inputs)
         except NoRuleMatched as exc:
             raise PlanningFailed([str(exc)]) from exc
+        if over_budget is None:
+            return plan
+        return within_budget(plan, over_budget.remaining_cents)
 
     def plan(self, goal: str, inputs: dict[str, Any]) -> Plan:
         for _label, pattern, build in RULES:
@@ -165,3 +183,42 @@ class StubPlanner:
                 return build(match, inputs)
         labels = ", ".join(label for label, _, _ in RULES)
         raise NoRuleMatched(f"the stub planner has no rule for this goal (rules: {labels})")
+
+
+def within_budget(plan: Plan, budget_cents: int) -> Plan:
+    """The plan with every llm_invoke's max_tokens lowered to the largest common value
+    whose worst case fits `budget_cents` (a binary search: the estimate grows with it)."""
+
+    def capped(limit: int) -> Plan:
+        steps = [
+            step.model_copy(
+                update={"params": {**step.params, "max_tokens": min(limit, _max_tokens(step))}}
+            )
+            if step.skill == "llm_invoke"
+            else step
+            for step in plan.steps
+        ]
+        return plan.model_copy(update={"steps": steps})
+
+    highest = max((_max_tokens(s) for s in plan.steps if s.skill == "llm_invoke"), default=0)
+    if highest == 0 or estimate_cents(capped(1)) > budget_cents:
+        raise PlanningFailed(
+            [f"no stub plan for this goal fits in {budget_cents} cents"],
+            FailureCode.BUDGET_EXCEEDED,
+        )
+    low, high = 1, highest  # capped(low) fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_cents(capped(middle)) <= budget_cents:
+            low = middle
+        else:
+            high = middle - 1
+    fitted = capped(low)
+    return fitted.model_copy(
+        update={"rationale": f"{plan.rationale} (max_tokens {low}, to fit {budget_cents} cents)"}
+    )
+
+
+def _max_tokens(step: PlanStep) -> int:
+    value = step.params.get("max_tokens", LlmInvokeParams.model_fields["max_tokens"].default)
+    return int(value)

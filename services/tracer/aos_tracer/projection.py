@@ -21,6 +21,7 @@ from aos_contracts.events import (
     BudgetDenied,
     GoalSubmitted,
     PlanCreated,
+    PlanningCallFinished,
     PlanRejected,
     RunAccepted,
     RunCancelled,
@@ -96,7 +97,10 @@ class Projector:
                         self.steps[key] = StepRow(run.run_id, planned.id, planned.skill, "pending")
                         self.touched_steps.add(key)
             case PlanRejected():
-                _end(run, "failed", at, cost_cents=0)
+                _end(run, "failed", at, cost_cents=event.planning_cost_cents)
+            case PlanningCallFinished():
+                if not run.is_terminal:
+                    run.cost_cents += event.cost_cents
             case StepStarted():
                 _advance(run, "running")
                 step = self._step(run, event.step_id, event.skill)
