@@ -59,6 +59,25 @@ TENANT = "bench"
 RUN_TIMEOUT_S = 300.0
 WARMUP_RUNS = 5
 
+_STEP_EVENT_TYPES = (
+    "budget.reservation_requested",
+    "budget.reserved",
+    "step.started",
+    "step.succeeded",
+)
+# The legs of one step, as (name, from event, to event); "next" is the next step's request.
+HOPS = (
+    ("request>reserved", "budget.reservation_requested", "budget.reserved"),
+    ("reserved>started", "budget.reserved", "step.started"),
+    ("started>succeeded", "step.started", "step.succeeded"),
+    ("succeeded>next", "step.succeeded", "next"),
+)
+
+
+def _step_number(step_id: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in step_id if ch.isdigit())
+    return (int(digits) if digits else 0, step_id)
+
 
 @dataclass
 class RunRecord:
@@ -84,6 +103,27 @@ class RunRecord:
             e.duration_ms for e in self.events if isinstance(e, StepSucceeded | StepFailed)
         )
         return (span_ms - in_skills_ms) / steps
+
+    def hops_ms(self) -> dict[str, list[float]]:
+        """Where a step's time goes, from the events' times: for each step, the gaps
+        between its reservation request, the ledger's decision, its start, its result,
+        and the next step's request."""
+        first: dict[tuple[str, str], datetime] = {}
+        for event in self.events:
+            step_id = getattr(event, "step_id", None)
+            if step_id is not None:
+                first.setdefault((step_id, str(event.type)), event.occurred_at)
+        hops: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
+        step_ids = sorted({step for step, _ in first}, key=_step_number)
+        for index, step in enumerate(step_ids):
+            times = {kind: first.get((step, kind)) for kind in _STEP_EVENT_TYPES}
+            if index + 1 < len(step_ids):
+                times["next"] = first.get((step_ids[index + 1], "budget.reservation_requested"))
+            for name, start, end in HOPS:
+                begin, finish = times.get(start), times.get(end)
+                if begin is not None and finish is not None:
+                    hops[name].append((finish - begin).total_seconds() * 1000.0)
+        return hops
 
     def latency_ms(self) -> float | None:
         """Goal published to terminal event: what a waiting client sees."""
@@ -157,6 +197,7 @@ class PhaseResult:
     overhead_p99_ms: float
     run_p50_ms: float
     run_p99_ms: float
+    hops_p50_ms: dict[str, float] = field(default_factory=dict)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -194,6 +235,10 @@ async def phase(tap: EventTap, runs: int, steps: int, concurrency: int) -> Phase
         overhead_p99_ms=percentile(overheads, 0.99),
         run_p50_ms=percentile(latencies, 0.50),
         run_p99_ms=percentile(latencies, 0.99),
+        hops_p50_ms={
+            name: round(percentile([ms for r in completed for ms in r.hops_ms()[name]], 0.5), 2)
+            for name, _, _ in HOPS
+        },
     )
 
 
@@ -210,6 +255,8 @@ async def bench(
         for concurrency in concurrencies:
             result = await phase(tap, runs, steps, concurrency)
             print(_row(result), flush=True)
+            hops = "  ".join(f"{name} {ms:.2f}" for name, ms in result.hops_p50_ms.items())
+            print(f"{'':>5} step legs, p50 ms: {hops}", flush=True)
             results.append(result)
         return results
     finally:
