@@ -23,6 +23,8 @@ class FailureCode(StrEnum):
     CANCELLED = "CANCELLED"
     UNAUTHORIZED = "UNAUTHORIZED"  # no valid token: missing, bad signature, expired, ...
     FORBIDDEN = "FORBIDDEN"  # a valid token that may not do this (tenant, role)
+    # a service AOS needs (the ledger, a model API) did not answer, however often asked
+    DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"
 
 
 # Whether trying the same thing again may succeed. A retryable failure is retried by the
@@ -43,6 +45,7 @@ RETRYABLE: dict[FailureCode, bool] = {
     FailureCode.CANCELLED: False,
     FailureCode.UNAUTHORIZED: False,
     FailureCode.FORBIDDEN: False,
+    FailureCode.DEPENDENCY_UNAVAILABLE: True,
 }
 
 

@@ -31,10 +31,15 @@ GOALS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def settled(run: dict[str, Any]) -> bool:
-    """The run ended and the ledger answered all of it: nothing more will be traced."""
+    """The run ended and the ledger answered all of it: nothing more will be traced.
+
+    The tracer reads each stream with its own consumer, so the run's end can be traced
+    before its goal: the goal and the budget's opening are waited for too."""
     events = [item["event"] for item in run.get("events", [])]
     types = [event["type"] for event in events]
     if not any(t in ("run.completed", "run.failed", "run.cancelled") for t in types):
+        return False
+    if "goal.submitted" not in types or "budget.opened" not in types:
         return False
 
     def reservations(*kinds: str) -> set[str]:

@@ -6,6 +6,7 @@ content blocks, stop_reason and usage, and error bodies in the API's shape.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +14,14 @@ from typing import Any
 from aiohttp import web
 
 
-def plan_call(plan: dict[str, Any], *, stop_reason: str = "tool_use") -> dict[str, Any]:
+def plan_call(
+    plan: dict[str, Any], *, stop_reason: str = "tool_use", hold_s: float = 0.0
+) -> dict[str, Any]:
+    """A reply calling submit_plan with `plan`, sent `hold_s` after the request came."""
     return {
         "content": [{"type": "tool_use", "name": "submit_plan", "input": plan}],
         "stop": stop_reason,
+        "hold_s": hold_s,
     }
 
 
@@ -54,6 +59,8 @@ class ScriptedMessagesApi:
         body = await request.json()
         self.requests.append(body)
         reply = self.replies.pop(0) if self.replies else {"error": (500, "api_error", "no more")}
+        if reply.get("hold_s"):
+            await asyncio.sleep(reply["hold_s"])
         if "error" in reply:
             status, kind, message = reply["error"]
             return web.json_response(

@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from aos_contracts.codec import EventDecodeError, decode_event
 from aos_contracts.events import (
+    PLANNING_STEP_ID,
     BudgetCommitted,
     BudgetDenied,
     BudgetOpened,
@@ -278,11 +279,29 @@ class LedgerService:
     async def handle_planning(self, delivery: Delivery) -> list[EventEnvelope]:
         """The planner's model calls, budgeted like steps (under the step id @planning)."""
         event = delivery.event
+        if not isinstance(event, PlanningReservationRequested | PlanningCallFinished):
+            return []
+        if not await self._same_tenant(event):
+            # The planner plans a goal whose run id another tenant's goal took first:
+            # that run's budget is not its to spend.
+            log.warning(
+                "run %s belongs to another tenant; planning event from %r ignored",
+                event.run_id,
+                event.tenant,
+            )
+            return []
         if isinstance(event, PlanningReservationRequested):
             return await self.decide_reservation(event)
-        if isinstance(event, PlanningCallFinished):
-            return await self.commit(event)
-        return []
+        return await self.commit(event)
+
+    async def _same_tenant(self, event: EventEnvelope) -> bool:
+        """Whether the run's budget belongs to the event's tenant (opening it from the
+        goals stream first, if the goals consumer has not yet)."""
+        balances = await self.store.balances(event.run_id)
+        if balances is None:
+            await self._open_from_goal_log(event)
+            balances = await self.store.balances(event.run_id)
+        return balances is not None and balances.tenant == event.tenant
 
     async def open_budget(self, goal: GoalSubmitted) -> list[EventEnvelope]:
         budget = await self._decide(
@@ -480,16 +499,20 @@ def decision_event(source: EventEnvelope, record: Reservation) -> BudgetReserved
         return _answer(
             source, BudgetReserved, key, "budget.decision", cause, expires_at=expires, **fields
         )
+    asker = (
+        f"planning call {attempt}"
+        if record.step_id == PLANNING_STEP_ID
+        else f"step {record.step_id!r} (attempt {attempt})"
+    )
     if record.denial_code == FailureCode.CANCELLED:
         error = Failure.of(
             FailureCode.CANCELLED,
-            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
-            "cents after its run had ended",
+            f"{asker} asked for {record.amount_cents} cents after its run had ended",
         )
     elif record.exceeded_cap == "tenant":
         error = Failure.of(
             FailureCode.BUDGET_EXCEEDED,
-            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
+            f"{asker} asked for {record.amount_cents} "
             f"cents but tenant {source.tenant!r} has only {record.tenant_remaining_cents} "
             f"cents left of its cap of {record.tenant_cap_cents} cents for "
             f"{record.tenant_period} (tenant cap exceeded)",
@@ -497,9 +520,8 @@ def decision_event(source: EventEnvelope, record: Reservation) -> BudgetReserved
     else:
         error = Failure.of(
             FailureCode.BUDGET_EXCEEDED,
-            f"step {record.step_id!r} (attempt {attempt}) asked for {record.amount_cents} "
-            f"cents but the run has only {remaining} cents left of its budget "
-            "(run cap exceeded)",
+            f"{asker} asked for {record.amount_cents} cents but the run has only "
+            f"{remaining} cents left of its budget (run cap exceeded)",
         )
     exceeded = record.exceeded_cap if record.denial_code == FailureCode.BUDGET_EXCEEDED else None
     return _answer(

@@ -22,6 +22,7 @@ import json
 import time
 from typing import cast
 
+import anthropic
 from anthropic import AsyncAnthropic
 from anthropic.types import Message, MessageParam, ToolChoiceToolParam, ToolParam, ToolUseBlock
 from pydantic import ValidationError
@@ -124,7 +125,8 @@ class AnthropicPlanner:
     ) -> tuple[Message, tuple[Plan | None, list[str], ToolUseBlock | None]]:
         """One metered call, and what its reply holds: the call is reserved before, and
         its cost (from reported usage) reported after, with whether it held a plan."""
-        await meter.before_call(self.worst_case_cents(messages), self.model)
+        worst_case = self.worst_case_cents(messages)
+        await meter.before_call(worst_case, self.model)
         started = time.perf_counter()
         try:
             reply = await self.client.messages.create(
@@ -135,13 +137,15 @@ class AnthropicPlanner:
                 tool_choice=PLAN_TOOL_CHOICE,
                 messages=messages,
             )
-        except Exception:
-            # Nothing to charge for a call that failed (the API bills no failed request);
-            # the reservation is released now rather than left to expire. If even that
-            # fails, the ledger's expiry sweep releases it.
+        except Exception as exc:
+            # An error answer (4xx, 5xx, overloaded) is not billed: the call costs 0. A
+            # timeout may have been processed and billed all the same: its worst case.
+            # The reservation is closed now rather than left to expire; if even that
+            # fails, the next attempt at the goal closes it, at its worst case (metering.py).
+            cost = worst_case if isinstance(exc, anthropic.APITimeoutError) else 0
             with contextlib.suppress(Exception):
                 await meter.after_call(
-                    0, outcome="error", duration_ms=_since_ms(started), telemetry=None
+                    cost, outcome="error", duration_ms=_since_ms(started), telemetry=None
                 )
             raise
         usage = reply.usage

@@ -8,9 +8,12 @@ is rejected with the ledger's reason. After the call it publishes
 `budget.committed`, so that the run's first step is decided against the actual planning
 cost, not against the worst case still held.
 
-Ids derive from the goal and the call's number, so a goal redelivered after a crash asks
-for the same reservations: the ledger answers with the decision it made, and a call is
-charged once however often it is reported.
+Ids derive from the goal and the call's number. A goal planned again (redelivered after
+a failed call, a crash, a timeout) first reads the run's planning events: its calls are
+numbered after those already made, so every call has its own reservation and is charged
+once; what earlier calls cost counts toward the planning cost; and a call that was
+reserved but never reported (the planner died during it) is closed at its reserved worst
+case, since it may have been made and billed.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class LedgerMeter:
         self._calls = 0
         self._spent = 0
         self._reservation: uuid.UUID | None = None
+        self._resumed = False
 
     @property
     def spent_cents(self) -> int:
@@ -77,6 +81,8 @@ class LedgerMeter:
         return derive_event_id(self.goal.event_id, f"planning/{call}/reservation")
 
     async def before_call(self, worst_case_cents: int, model: str | None) -> None:
+        if not self._resumed:
+            await self._resume()
         self._calls += 1
         call = self._calls
         reservation = self.reservation_id(call)
@@ -93,19 +99,11 @@ class LedgerMeter:
         await self.bus.publish_all([*self._publish_first, request])
         self._publish_first = []
         decision = await self._await(
-            watch,
-            lambda event: (
-                isinstance(event, BudgetReserved | BudgetDenied)
-                and event.reservation_id == reservation
-            ),
-            f"the ledger's decision on planning call {call}",
+            watch, _decision_on(reservation), f"the ledger's decision on planning call {call}"
         )
         if isinstance(decision, BudgetDenied):
             raise PlanningFailed(
-                [
-                    f"planning call {call} needs up to {worst_case_cents} cents, which the "
-                    f"budget refused: {decision.error.message}"
-                ],
+                [f"the budget refused the planning call: {decision.error.message}"],
                 FailureCode.BUDGET_EXCEEDED,
             )
         self._reservation = reservation
@@ -122,6 +120,17 @@ class LedgerMeter:
         if reservation is None:
             raise RuntimeError("after_call without a reserved call")
         self._reservation = None
+        await self._finish(call, reservation, cost_cents, outcome, duration_ms, telemetry)
+
+    async def _finish(
+        self,
+        call: int,
+        reservation: uuid.UUID,
+        cost_cents: int,
+        outcome: CallOutcome,
+        duration_ms: float,
+        telemetry: StepTelemetry | None,
+    ) -> None:
         self._spent += cost_cents
         finished = self.goal.caused(
             PlanningCallFinished,
@@ -142,6 +151,38 @@ class LedgerMeter:
             ),
             f"the ledger's commit of planning call {call}",
         )
+
+    async def _resume(self) -> None:
+        """Take up where an earlier attempt at this goal left off (see the module doc)."""
+        self._resumed = True
+        requested: dict[int, PlanningReservationRequested] = {}
+        finished: dict[int, PlanningCallFinished] = {}
+        for event in await self.bus.run_events("plans", self.goal.tenant, self.goal.run_id):
+            if isinstance(event, PlanningReservationRequested):
+                requested.setdefault(event.attempt, event)
+            elif isinstance(event, PlanningCallFinished):
+                finished.setdefault(event.attempt, event)
+        if not requested:
+            return
+        self._calls = max(requested)
+        self._spent = sum(event.cost_cents for event in finished.values())
+        unfinished = sorted(set(requested) - set(finished))
+        if not unfinished:
+            return
+        watch = await self._watching()
+        for call in unfinished:
+            request = requested[call]
+            decision = await self._await(
+                watch,
+                _decision_on(request.reservation_id),
+                f"the ledger's decision on planning call {call}",
+            )
+            if isinstance(decision, BudgetReserved):
+                # The call may have been made (and billed) before the planner died: it is
+                # charged its worst case. A denied call was never made: nothing to close.
+                await self._finish(
+                    call, request.reservation_id, request.amount_cents, "error", 0.0, None
+                )
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -164,3 +205,12 @@ class LedgerMeter:
             raise LedgerUnavailable(
                 f"no answer from the ledger in {self.timeout_s} s: {what}"
             ) from exc
+
+
+def _decision_on(reservation: uuid.UUID) -> Callable[[AnyEvent], bool]:
+    def wanted(event: AnyEvent) -> bool:
+        return isinstance(event, BudgetReserved | BudgetDenied) and (
+            event.reservation_id == reservation
+        )
+
+    return wanted

@@ -136,14 +136,18 @@ class PlannerService:
                 log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
             return
         refusal = self._refusal(delivery, goal)
-        events = [refusal] if refusal is not None else await self._decide(goal)
+        if refusal is not None:
+            events: list[EventEnvelope] = [refusal]
+        else:
+            events = await self._decide(goal, delivery.num_delivered)
         decision = await self.store.record(goal.run_id, goal.tenant, events)
         await self._publish(goal, decision.events)
-        last = decision.events[-1]
-        PLANS.labels(_outcome_label(last), self.planner.name).inc()
-        cost = getattr(last, "planning_cost_cents", 0)
-        if cost:
-            PLANNING_CENTS.labels(self.planner.name).inc(cost)
+        if decision.recorded_now:  # another replica's decision was counted by it
+            last = decision.events[-1]
+            PLANS.labels(_outcome_label(last), self.planner.name).inc()
+            cost = getattr(last, "planning_cost_cents", 0)
+            if cost:
+                PLANNING_CENTS.labels(self.planner.name).inc(cost)
 
     def _refusal(self, delivery: Delivery, goal: GoalSubmitted) -> PlanRejected | None:
         """plan.rejected for a goal whose token does not allow it; None when allowed.
@@ -164,8 +168,13 @@ class PlannerService:
             return goal.caused(PlanRejected, "plan.rejected", reasons=[exc.reason], code=exc.code)
         return None
 
-    async def _decide(self, goal: GoalSubmitted) -> list[EventEnvelope]:
-        """run.accepted (unless the meter published it already) and the decision."""
+    async def _decide(self, goal: GoalSubmitted, delivery_count: int) -> list[EventEnvelope]:
+        """run.accepted (unless the meter published it already) and the decision.
+
+        What keeps planning from finishing (the ledger or the model API not answering)
+        raises, so the goal is tried again later, up to AOS_PLANNING_ATTEMPTS times;
+        then the goal is rejected with DEPENDENCY_UNAVAILABLE (retryable), so that its
+        submitter learns why instead of waiting on a run that never moves."""
         assert self.bus is not None
         accepted = accepted_event(goal, self.planner.name)
         if goal.reuse_plan_of is not None:
@@ -177,8 +186,21 @@ class PlannerService:
             timeout_s=self.settings.ledger_timeout_s,
             publish_first=[accepted],
         )
+        outcome: Planned | Refused
         try:
             outcome = await plan_goal(goal, self.planner, meter, validate=self.validate)
+        except Exception as exc:  # any cause: re-raised, or reported in the rejection
+            if delivery_count < self.settings.planning_attempts:
+                raise
+            log.warning("run %s: planning gave up after %d attempts", goal.run_id, delivery_count)
+            outcome = Refused(
+                [
+                    f"planning did not finish after {delivery_count} attempts; the last "
+                    f"failed with {type(exc).__name__}: {exc}"
+                ],
+                FailureCode.DEPENDENCY_UNAVAILABLE,
+                meter.spent_cents,
+            )
         finally:
             await meter.close()
         decision = decision_event(goal, outcome)

@@ -37,6 +37,14 @@ class PlannerSettings(CommonSettings):
         description="a plan whose longest dependency chain has more steps is rejected",
     )
 
+    planning_attempts: int = Field(
+        default=5,
+        alias="AOS_PLANNING_ATTEMPTS",
+        ge=1,
+        le=9,  # below the 10 deliveries after which a consumer parks a message
+        description="deliveries of a goal whose planning fails for want of the ledger or "
+        "the model API; then the goal is rejected with DEPENDENCY_UNAVAILABLE",
+    )
     ledger_timeout_s: float = Field(
         default=10.0,
         alias="AOS_PLANNER_LEDGER_TIMEOUT_S",

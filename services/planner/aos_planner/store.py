@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import asyncpg
@@ -52,6 +52,9 @@ class Decision:
     events: tuple[EventEnvelope, ...]
     # Plans-stream seq of the last event once published; None: recorded, not yet published.
     published_seq: int | None
+    # True only in what `record` returns when this call recorded it (not another replica
+    # or an earlier attempt): whoever recorded a decision is the one to count it.
+    recorded_now: bool = field(default=False, compare=False)
 
     @property
     def outcome(self) -> str:
@@ -145,7 +148,7 @@ class MemoryDecisionStore:
         # Through the codec, as the Postgres store does: both return what decoding gives.
         decision = Decision(run_id, tenant, tuple(_roundtrip(e) for e in events), None)
         self._decisions[run_id] = decision
-        return decision
+        return replace(decision, recorded_now=True)
 
     async def mark_published(self, run_id: uuid.UUID, seq: int) -> None:
         decision = self._decisions.get(run_id)
@@ -298,10 +301,11 @@ class PostgresDecisionStore:
             record = await conn.fetchrow(
                 INSERT_DECISION, run_id, tenant, outcome, _events_json(events)
             )
-            if record is None:
-                # Another replica (or an earlier attempt) recorded first. ON CONFLICT waited
-                # for its transaction, so this new statement sees its row.
-                record = await conn.fetchrow(SELECT_DECISION, run_id)
+            if record is not None:
+                return replace(_decision(record), recorded_now=True)
+            # Another replica (or an earlier attempt) recorded first. ON CONFLICT waited
+            # for its transaction, so this new statement sees its row.
+            record = await conn.fetchrow(SELECT_DECISION, run_id)
         if record is None:
             raise RuntimeError(f"run {run_id}: decision neither inserted nor found")
         return _decision(record)

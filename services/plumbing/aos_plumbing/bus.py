@@ -75,19 +75,34 @@ Publisher = Callable[[Sequence[EventEnvelope]], Awaitable[object]]
 
 class EventBus:
     def __init__(
-        self, nc: NatsClient, namespace: str, service: str, *, ack_wait_s: float = 30.0
+        self,
+        nc: NatsClient,
+        namespace: str,
+        service: str,
+        *,
+        ack_wait_s: float = 30.0,
+        max_handling_s: float = 600.0,
     ) -> None:
         self.nc = nc
         # How long a delivered message may stay unacknowledged before JetStream
         # redelivers it: the floor on recovery time after a consumer dies mid-batch.
         self.ack_wait_s = ack_wait_s
+        # How long a batch's handler may keep its messages by reporting progress; past
+        # that a hung handler lets them go, and the ack wait redelivers them.
+        self.max_handling_s = max_handling_s
         self.js: JetStreamContext = nc.jetstream()
         self.namespace = namespace
         self.service = service
 
     @classmethod
     async def connect(
-        cls, url: str, namespace: str, service: str, *, ack_wait_s: float = 30.0
+        cls,
+        url: str,
+        namespace: str,
+        service: str,
+        *,
+        ack_wait_s: float = 30.0,
+        max_handling_s: float = 600.0,
     ) -> EventBus:
         nc = await nats.connect(
             url,
@@ -97,14 +112,18 @@ class EventBus:
             # A service keeps running through a NATS blip; /readyz reports it.
             allow_reconnect=True,
         )
-        return cls(nc, namespace, service, ack_wait_s=ack_wait_s)
+        return cls(nc, namespace, service, ack_wait_s=ack_wait_s, max_handling_s=max_handling_s)
 
     @classmethod
     async def open(cls, settings: CommonSettings, service: str) -> EventBus:
         """Connect as `service` with the settings every service shares, and declare the
         streams of the log (every service does both at start)."""
         bus = await cls.connect(
-            settings.nats_url, settings.namespace, service, ack_wait_s=settings.ack_wait_s
+            settings.nats_url,
+            settings.namespace,
+            service,
+            ack_wait_s=settings.ack_wait_s,
+            max_handling_s=settings.max_handling_s,
         )
         await bus.ensure_streams()
         return bus
@@ -230,6 +249,23 @@ class EventBus:
             except EventDecodeError:
                 continue
 
+    async def run_events(self, context: str, tenant: str, run_id: object) -> list[AnyEvent]:
+        """The events of one run in one stream so far, in log order, read by subject
+        (direct gets: one round trip per event, so for runs with few events in that
+        stream). What does not decode is skipped: the stream's consumers park it."""
+        stream = self.stream(context)
+        subject = run_subject(context, tenant, str(run_id), self.namespace)
+        events: list[AnyEvent] = []
+        seq = 1
+        while True:
+            try:
+                raw = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return events
+            with contextlib.suppress(EventDecodeError):
+                events.append(decode_event(raw.data or b""))
+            seq = (raw.seq or seq) + 1
+
     async def watch_run(self, context: str, tenant: str, run_id: object) -> RunWatch:
         """Every event of one run in one stream, from its first, and then as they come.
 
@@ -244,7 +280,7 @@ class EventBus:
             deliver_policy=js_api.DeliverPolicy.ALL,
             inactive_threshold=30.0,
         )
-        return RunWatch(sub)
+        return RunWatch(self.js, self.stream(context), sub)
 
     def consumer(
         self,
@@ -270,7 +306,11 @@ class EventBus:
 class RunWatch:
     """A run's events in one stream, in log order; see `EventBus.watch_run`."""
 
-    def __init__(self, sub: JetStreamContext.PushSubscription) -> None:
+    def __init__(
+        self, js: JetStreamContext, stream: str, sub: JetStreamContext.PushSubscription
+    ) -> None:
+        self._js = js
+        self._stream = stream
         self._sub = sub
 
     async def wait_for(self, wanted: Callable[[AnyEvent], bool], timeout_s: float) -> AnyEvent:
@@ -296,8 +336,13 @@ class RunWatch:
                 return event
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):  # best effort: the server drops it when idle
+        # Best effort: an ordered consumer the client forgets is dropped by the server
+        # once idle (inactive_threshold), but one round trip spares it the wait.
+        with contextlib.suppress(Exception):
+            consumer = self._sub._consumer  # nats-py keeps the name it was given here
             await self._sub.unsubscribe()
+            if consumer:
+                await self._js.delete_consumer(self._stream, consumer)
 
 
 @dataclass
@@ -479,8 +524,10 @@ class LogConsumer:
     async def _keep_in_progress(self, deliveries: list[Delivery]) -> None:
         """Tell the server the batch is still being worked on, so that a handler slower
         than the ack wait (a planning call to a model can take a minute) does not get
-        its messages redelivered to a replica while it still holds them."""
-        while True:
+        its messages redelivered to a replica while it still holds them. Only up to
+        `max_handling_s`: a handler that hangs longer loses them to the ack wait."""
+        deadline = time.monotonic() + self.bus.max_handling_s
+        while time.monotonic() + self.bus.ack_wait_s / 2 < deadline:
             await asyncio.sleep(self.bus.ack_wait_s / 2)
             for delivery in deliveries:
                 with contextlib.suppress(Exception):  # a lost heartbeat only risks a redelivery

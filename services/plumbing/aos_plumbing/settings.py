@@ -30,7 +30,15 @@ class CommonSettings(BaseSettings):
         default=30.0,
         alias="AOS_ACK_WAIT_S",
         gt=0,
-        description="seconds before an unacknowledged message is redelivered",
+        description="seconds before an unacknowledged message is redelivered (a handler "
+        "still at work reports progress, up to AOS_MAX_HANDLING_S)",
+    )
+    max_handling_s: float = Field(
+        default=600.0,
+        alias="AOS_MAX_HANDLING_S",
+        gt=0,
+        description="how long a handler may hold a batch by reporting progress; then the "
+        "batch is redelivered as if the handler had died",
     )
     consumer_batch: int = Field(default=256, alias="AOS_CONSUMER_BATCH", ge=1, le=10_000)
     prometheus_available: bool | None = Field(

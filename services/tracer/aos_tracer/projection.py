@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aos_contracts.events import (
+    PLANNING_STEP_ID,
     AnyEvent,
     BudgetDenied,
     GoalSubmitted,
@@ -121,7 +122,7 @@ class Projector:
                 step.cost_cents += event.cost_cents  # failed attempts are charged too
                 if not run.is_terminal:
                     run.cost_cents += event.cost_cents
-            case BudgetDenied():
+            case BudgetDenied() if event.step_id != PLANNING_STEP_ID:
                 step = self._step(run, event.step_id, None)
                 if step.status == "pending":  # a denial never undoes a step that went on
                     step.status = "denied"
