@@ -379,3 +379,29 @@ async def test_replaying_the_published_events_rebuilds_identical_state(
     finally:
         await wipe(redis, live_namespace)
         await wipe(redis, rebuilt_namespace)
+
+
+async def test_concurrent_decisions_go_out_together_and_each_gets_its_own_answer(
+    store: BudgetStore, redis: Redis
+) -> None:
+    """Script calls made at once are sent as one pipeline (ScriptCalls); each caller
+    still gets its own reply and its own error, and a server that lost its scripts
+    (SCRIPT FLUSH, a restart) has them loaded again."""
+    runs = [await open_run(store, 10) for _ in range(20)]
+    await redis.script_flush()
+    changes = await asyncio.gather(
+        *(
+            store.reserve(run, uuid.uuid4(), "a", 1, 4 + i % 10, uuid.uuid4())
+            for i, run in enumerate(runs)
+        ),
+        store.reserve(uuid.uuid4(), uuid.uuid4(), "a", 1, 1, uuid.uuid4()),
+        return_exceptions=True,
+    )
+    *granted, unknown = changes
+    assert isinstance(unknown, BudgetNotOpen)  # a run never opened: its own error
+    decisions = [change.reservation.decision for change in granted]  # type: ignore[union-attr]
+    assert decisions == ["reserved" if 4 + i % 10 <= 10 else "denied" for i in range(20)]
+    for i, run in enumerate(runs):
+        balances = await store.balances(run)
+        assert balances is not None
+        assert balances.reserved_cents == (4 + i % 10 if 4 + i % 10 <= 10 else 0)

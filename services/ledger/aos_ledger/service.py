@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ from aos_contracts.events import (
     StepSucceeded,
     derive_event_id,
     is_valid_tenant,
+    type_names,
 )
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.subjects import goal_subject
@@ -84,6 +86,58 @@ E = TypeVar("E", bound=EventEnvelope)
 T = TypeVar("T")
 
 REPLAY_BATCH = 500
+# Decisions known to be in the log, so not republished before their commit or release:
+# enough for every reservation open at once on a busy ledger.
+LOGGED_DECISIONS_KEPT = 100_000
+
+
+class RecentIds:
+    """The last `size` ids added, for membership tests (oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+
+    def add(self, item: uuid.UUID) -> None:
+        self._ids[item] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+
+class PublishedMarker:
+    """Raises the store's published-through marker in the background, a write at a time
+    with the highest sequence seen, instead of one Redis round trip per batch before its
+    acks. A marker that lags is safe: at start the ledger catches up from it, and applying
+    events already applied changes nothing."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store = store
+        self._pending = 0
+        self._written = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def raise_to(self, seq: int) -> None:
+        self._pending = max(self._pending, seq)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write(), name="published-marker")
+
+    async def _write(self) -> None:
+        while self._written < self._pending:
+            seq = self._pending
+            try:
+                await self.store.mark_published(seq)
+            except Exception:  # Redis blip: the next publish raises it again
+                log.warning("could not raise the published marker to %d", seq, exc_info=True)
+                return
+            self._written = seq
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
 
 class LedgerService:
@@ -107,6 +161,8 @@ class LedgerService:
         self.http.app.router.add_get("/budgets/tenants/{tenant}", self._get_tenant_budget)
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._logged_decisions = RecentIds(LOGGED_DECISIONS_KEPT)
+        self._marker = PublishedMarker(self.store)
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -124,15 +180,29 @@ class LedgerService:
                 self.name,
                 per_run(self.handle_goal, publish=self._publish),
                 batch_size=batch,
+                event_types=type_names(GoalSubmitted),
             ),
             self.bus.consumer(
                 "plans",
                 self.name,
                 per_run(self.handle_planning, publish=self._publish),
                 batch_size=batch,
+                event_types=type_names(PlanningReservationRequested, PlanningCallFinished),
             ),
             self.bus.consumer(
-                "runs", self.name, per_run(self.handle_run, publish=self._publish), batch_size=batch
+                "runs",
+                self.name,
+                per_run(self.handle_run, publish=self._publish),
+                batch_size=batch,
+                # step.started changes no budget: not even decoded
+                event_types=type_names(
+                    BudgetReservationRequested,
+                    StepSucceeded,
+                    StepFailed,
+                    RunCompleted,
+                    RunFailed,
+                    RunCancelled,
+                ),
             ),
         ]
         for consumer in self.consumers:
@@ -151,6 +221,7 @@ class LedgerService:
                 await self._sweeper
         for consumer in self.consumers:
             await consumer.stop()
+        await self._marker.flush()
         await self.http.stop()
         if self.bus:
             await self.bus.close()
@@ -367,7 +438,7 @@ class LedgerService:
         if change.is_new:
             BUDGET_CENTS.labels("committed").inc(committed.committed_cents)
             BUDGET_CENTS.labels("released").inc(committed.released_cents)
-        return [*_decision_first(step, record), committed]
+        return [*self._decision_first(step, record), committed]
 
     async def release_all(
         self, terminal: RunCompleted | RunFailed | RunCancelled
@@ -377,7 +448,7 @@ class LedgerService:
         )
         events: list[EventEnvelope] = []
         for change in changes:
-            events += _decision_first(terminal, change.reservation)
+            events += self._decision_first(terminal, change.reservation)
             events.append(released_event(terminal, change.reservation))
         for change in changes:
             if change.is_new:
@@ -426,11 +497,24 @@ class LedgerService:
             log.info("released %d expired reservations", released)
         return released
 
+    def _decision_first(self, source: EventEnvelope, record: Reservation) -> list[EventEnvelope]:
+        """`_decision_first`, minus a decision this process has seen acknowledged by the
+        log already: republishing it would cost a round trip to be dropped."""
+        if not record.decision:
+            return []
+        key = _reservation_key(source.run_id, record.reservation_id)
+        if derive_event_id(key, "budget.decision") in self._logged_decisions:
+            return []
+        return _decision_first(source, record)
+
     async def _publish(self, events: Sequence[EventEnvelope]) -> None:
         assert self.bus is not None
         acks = await self.bus.publish_all(events)
+        for event in events:
+            if isinstance(event, BudgetReserved | BudgetDenied):
+                self._logged_decisions.add(event.event_id)
         if acks:
-            await self.store.mark_published(max(ack.seq for ack in acks))
+            self._marker.raise_to(max(ack.seq for ack in acks))
 
     # --- http ---------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ that the log says is already spent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from aos_contracts.events import EventEnvelope
 
@@ -477,6 +479,7 @@ class BudgetStore:
         self._release_all = redis.register_script(_RELEASE_ALL)
         self._expire = redis.register_script(_EXPIRE)
         self._raise_marker = redis.register_script(_RAISE_MARKER)
+        self._scripts = ScriptCalls(redis)
 
     def budget_key(self, run_id: uuid.UUID | str) -> str:
         return f"{self.prefix}run:{run_id}"
@@ -503,7 +506,7 @@ class BudgetStore:
     async def open_budget(self, run_id: uuid.UUID, tenant: str, cap_cents: int) -> OpenBudget:
         """Open the run's budget. A budget opened before keeps its cap and tenant."""
         args: list[str | int] = [cap_cents, tenant, str(run_id), self.prefix]
-        result = await _run(self._open, self._keys(run_id), args)
+        result = await self._run(self._open, self._keys(run_id), args)
         return OpenBudget(cap_cents=int(result[1]), tenant=result[2], is_new=result[0] == "new")
 
     async def reserve(
@@ -535,7 +538,7 @@ class BudgetStore:
             -1 if tenant_cap_cents is None else tenant_cap_cents,
             "" if expires_at_ms is None else expires_at_ms,
         ]
-        result = await _run(self._reserve, self._keys(run_id), args)
+        result = await self._run(self._reserve, self._keys(run_id), args)
         return Change(Reservation.from_json(str(reservation_id), result[1]), result[0] == "new")
 
     async def commit(
@@ -559,7 +562,7 @@ class BudgetStore:
             self.prefix,
             tenant_period or period_of("month", datetime.now(UTC)),
         ]
-        result = await _run(self._commit, self._keys(run_id), args)
+        result = await self._run(self._commit, self._keys(run_id), args)
         if result[0] == "ignored":
             return None
         return Change(Reservation.from_json(str(reservation_id), result[1]), result[0] == "new")
@@ -567,7 +570,7 @@ class BudgetStore:
     async def release_all(self, run_id: uuid.UUID, reason: str) -> list[Change]:
         """Release every reservation of the run still held; returns every released one."""
         args: list[str | int] = [reason, str(run_id), self.prefix]
-        result = await _run(self._release_all, self._keys(run_id), args)
+        result = await self._run(self._release_all, self._keys(run_id), args)
         rest = result[1:]
         return [
             Change(Reservation.from_json(rest[i], rest[i + 1]), int(rest[i + 2]) == 1)
@@ -598,7 +601,7 @@ class BudgetStore:
             self.unpublished_key,
         ]
         args: list[str | int] = [reservation_id, run_id, self.prefix, now_ms]
-        result = await _run(self._expire, keys, args)
+        result = await self._run(self._expire, keys, args)
         if result[0] == "gone":
             await self.redis.srem(self.unpublished_key, f"{run_id}/{reservation_id}")
             return None
@@ -635,7 +638,7 @@ class BudgetStore:
         await self._raise_marker(keys=[self.marker_key], args=[seq, 1])
 
     async def mark_published(self, seq: int) -> None:
-        await self._raise_marker(keys=[self.marker_key], args=[seq, 0])
+        await self._scripts.call(self._raise_marker, [self.marker_key], [seq, 0])
 
     # --- reads ------------------------------------------------------------------------
 
@@ -672,10 +675,78 @@ class BudgetStore:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> list[Any]:
+        """Run a decision script: its reply with text decoded, or the exception it
+        signals."""
+        return _checked_reply(await self._scripts.call(script, keys, args))
 
-async def _run(script: AsyncScript, keys: list[str], args: list[str | int]) -> list[Any]:
-    """Run a decision script: its reply with text decoded, or the exception it signals."""
-    reply = [_text(item) if isinstance(item, bytes) else item for item in await script(keys, args)]
+
+class ScriptCalls:
+    """Script calls made in the same turn of the event loop, sent as one pipeline.
+
+    A consumer batch handles its runs concurrently, and each run's handler calls a script
+    (reserve, commit, ...) at about the same moment: one round trip to Redis for all of
+    them instead of one each. Each script is still atomic, and a run's own calls are
+    awaited one after the other, so their order is kept. Scripts are called by sha
+    (EVALSHA); one missing from the server (restarted, flushed) is loaded and called
+    again on its own."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._queue: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]] = []
+
+    async def call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, future))
+        if len(self._queue) == 1:
+            # After the handlers already scheduled have had their turn to add theirs.
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+        return await future
+
+    def _flush_soon(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _send(
+        self, batch: list[tuple[AsyncScript, list[str], list[str | int], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, future = batch[0]
+                replies: list[Any] = [await script(keys, args)]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in batch:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (script, keys, args, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, NoScriptError):
+                try:
+                    reply = await script(keys, args)  # loads the script, then calls it
+                except Exception as exc:  # noqa: BLE001 - handed to this call's caller
+                    future.set_exception(exc)
+                    continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+# Flushes in flight, so that they are not garbage-collected before they finish.
+_background: set[asyncio.Task[None]] = set()
+
+
+def _checked_reply(raw: list[Any]) -> list[Any]:
+    reply = [_text(item) if isinstance(item, bytes) else item for item in raw]
     if reply[0] == "not_ready":
         raise StoreNotRebuilt("the budget store has no applied_through marker")
     if reply[0] == "not_open":
