@@ -43,7 +43,13 @@ from nats.aio.msg import Msg
 
 from aos_cli.embedded import EmbeddedInfra, InfraUrls
 from aos_cli.launcher import Stack, remove_namespace
-from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
+from aos_contracts.codec import (
+    HEADER_EVENT_TYPE,
+    EventDecodeError,
+    decode_event,
+    encode_event,
+    event_headers,
+)
 from aos_contracts.events import (
     TERMINAL_RUN_EVENTS,
     AnyEvent,
@@ -53,7 +59,7 @@ from aos_contracts.events import (
     StepFailed,
     StepSucceeded,
 )
-from aos_contracts.subjects import goal_subject
+from aos_contracts.subjects import goal_subject, run_id_of_subject
 
 TENANT = "bench"
 RUN_TIMEOUT_S = 300.0
@@ -83,8 +89,17 @@ def _step_number(step_id: str) -> tuple[int, str]:
 class RunRecord:
     run_id: uuid.UUID
     submitted_at: float = 0.0  # monotonic, on this process's clock
+    # Kept as bytes while the run is measured and decoded after (`decode`), so that the
+    # bench does not take CPU from the services it measures on a machine they share.
+    raw: list[bytes] = field(default_factory=list)
     events: list[AnyEvent] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def decode(self) -> None:
+        for data in self.raw:
+            with contextlib.suppress(EventDecodeError):
+                self.events.append(decode_event(data))
+        self.raw = []
 
     @property
     def terminal(self) -> AnyEvent | None:
@@ -151,14 +166,14 @@ class EventTap:
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
-            event = decode_event(msg.data)
-        except EventDecodeError:
+            run_id = uuid.UUID(run_id_of_subject(msg.subject))
+        except ValueError:
             return
-        record = self.runs.get(event.run_id)
+        record = self.runs.get(run_id)
         if record is None:
             return  # not one of ours
-        record.events.append(event)
-        if str(event.type) in TERMINAL_RUN_EVENTS:
+        record.raw.append(msg.data)
+        if (msg.headers or {}).get(HEADER_EVENT_TYPE) in TERMINAL_RUN_EVENTS:
             record.done.set()
 
 
@@ -218,6 +233,8 @@ async def phase(tap: EventTap, runs: int, steps: int, concurrency: int) -> Phase
     started = time.monotonic()
     records = await asyncio.gather(*(gated(i) for i in range(runs)))
     wall = time.monotonic() - started
+    for record in records:
+        record.decode()
     completed = [r for r in records if isinstance(r.terminal, RunCompleted)]
     ended = [r for r in records if r.terminal is not None]
     overheads = [o for r in completed if (o := r.overhead_per_step_ms(steps)) is not None]

@@ -402,5 +402,10 @@ EVENT_TYPES: dict[str, type[EventEnvelope]] = {
 TERMINAL_RUN_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled"})
 
 
+def type_names(*classes: type[EventEnvelope]) -> frozenset[str]:
+    """The `type` values of event classes, e.g. for a consumer's `event_types`."""
+    return frozenset(str(cls.model_fields["type"].default) for cls in classes)
+
+
 def is_valid_tenant(tenant: str) -> bool:
     return bool(_TENANT_RE.match(tenant))

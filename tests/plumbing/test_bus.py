@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from aos_cli.embedded import InfraUrls
-from aos_contracts.events import GoalSubmitted, PlanRejected, RunAccepted
+from aos_contracts.events import GoalSubmitted, PlanRejected, RunAccepted, RunCancelRequested
 from aos_plumbing.bus import Delivery, EventBus
 from aos_plumbing.settings import CommonSettings
 
@@ -104,3 +104,29 @@ async def test_a_hung_handler_stops_reporting_progress_after_the_limit(bus: Even
     # It gave up by itself: the ack wait may now redeliver what a hung handler holds.
     assert reporting.done()
     assert 1 <= message.reports <= 4  # every 0.1 s, for less than 0.5 s
+
+
+async def test_a_consumer_decodes_only_the_types_it_wants_and_acks_the_rest(
+    bus: EventBus,
+) -> None:
+    wanted, unwanted = goal(), goal()
+    cancel = RunCancelRequested(run_id=unwanted.run_id, tenant="acme")
+    await bus.publish_all([cancel, wanted])
+    seen: list[str] = []
+
+    async def handler(deliveries: list[Delivery]) -> list[Delivery]:
+        seen.extend(str(delivery.event.type) for delivery in deliveries)
+        return []
+
+    consumer = bus.consumer("goals", "picky", handler, event_types={"goal.submitted"})
+    await consumer.start()
+    try:
+        for _ in range(50):
+            info = await bus.js.consumer_info(bus.stream("goals"), "picky")
+            if info.num_pending == 0 and info.num_ack_pending == 0 and seen:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+    assert seen == ["goal.submitted"]
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)  # the cancel was acked too

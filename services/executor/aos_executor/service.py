@@ -42,6 +42,7 @@ from aos_contracts.events import (
     StepStarted,
     StepSucceeded,
     StepTelemetry,
+    type_names,
 )
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.progress import StepProgress, progress_subject
@@ -180,7 +181,13 @@ class ExecutorService:
         await self.rebuild()
         handler = per_run(self.handle)
         self.consumers = [
-            self.bus.consumer(context, self.name, handler, batch_size=self.settings.consumer_batch)
+            self.bus.consumer(
+                context,
+                self.name,
+                handler,
+                batch_size=self.settings.consumer_batch,
+                event_types=type_names(*_RELEVANT),
+            )
             for context in ("plans", "budget", "goals")
         ]
         for consumer in self.consumers:

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from anthropic import AsyncAnthropic
 
 from aos_contracts.codec import EventDecodeError, decode_event
-from aos_contracts.events import AnyEvent, EventEnvelope, GoalSubmitted, PlanRejected
+from aos_contracts.events import (
+    AnyEvent,
+    EventEnvelope,
+    GoalSubmitted,
+    PlanRejected,
+    type_names,
+)
 from aos_contracts.failures import FailureCode
 from aos_contracts.plans import Plan
 from aos_planner.anthropic_planner import AnthropicPlanner
@@ -78,7 +84,11 @@ class PlannerService:
         await self.store.start()
         await self.catch_up()
         self.consumer = self.bus.consumer(
-            "goals", "planner", per_run(self.handle), batch_size=self.settings.consumer_batch
+            "goals",
+            "planner",
+            per_run(self.handle),
+            batch_size=self.settings.consumer_batch,
+            event_types=type_names(GoalSubmitted),  # cancellations are the executor's
         )
         await self.consumer.start()
         bus = self.bus

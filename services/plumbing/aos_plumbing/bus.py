@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import nats
@@ -24,7 +24,13 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
+from aos_contracts.codec import (
+    HEADER_EVENT_TYPE,
+    EventDecodeError,
+    decode_event,
+    encode_event,
+    event_headers,
+)
 from aos_contracts.events import AnyEvent, EventEnvelope
 from aos_contracts.parked import ParkedMessage
 from aos_contracts.subjects import (
@@ -291,6 +297,7 @@ class EventBus:
         batch_size: int = 256,
         start_after_seq: int | None = None,
         park_after_deliveries: int = 10,
+        event_types: Collection[str] | None = None,
     ) -> LogConsumer:
         return LogConsumer(
             self,
@@ -300,6 +307,7 @@ class EventBus:
             batch_size=batch_size,
             start_after_seq=start_after_seq,
             park_after_deliveries=park_after_deliveries,
+            event_types=None if event_types is None else frozenset(event_types),
         )
 
 
@@ -355,6 +363,11 @@ class LogConsumer:
     `park_after_deliveries` attempts, parked too, so one poison message cannot stall a
     consumer forever.
 
+    `event_types`, when given, are the only types the handler wants: a message whose
+    type header names another is acknowledged without being decoded (most of a stream,
+    for some consumers: the executor wants two of the budget stream's five types).
+    Messages without the header are decoded and handed over as usual.
+
     `start_after_seq` is the last sequence the owner's store applied. When the durable
     consumer on the server is ahead of it (the store was wiped, or restored from an older
     backup) the consumer is recreated to deliver from there: that is how a store is rebuilt
@@ -368,6 +381,7 @@ class LogConsumer:
     batch_size: int = 256
     start_after_seq: int | None = None
     park_after_deliveries: int = 10
+    event_types: frozenset[str] | None = None
     _sub: JetStreamContext.PullSubscription | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _running: bool = field(default=False, init=False)
@@ -485,7 +499,13 @@ class LogConsumer:
 
     async def process(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []
+        wanted = self.event_types
         for msg in msgs:
+            if wanted is not None and msg.headers:
+                kind = msg.headers.get(HEADER_EVENT_TYPE)
+                if kind is not None and kind not in wanted:
+                    await msg.ack()
+                    continue
             meta = msg.metadata
             seq = meta.sequence.stream
             try:
