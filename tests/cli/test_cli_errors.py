@@ -68,6 +68,7 @@ SUBMIT = ["goal", "submit", "summarize this", "--tenant", "acme", "--budget-cent
         ([*SUBMIT, "--input-json", "[1, 2]"], "JSON object"),
         ([*SUBMIT, "--timeout", "0"], "positive"),
         (["run", "show", "not-a-uuid"], "not a run id"),
+        ([*SUBMIT, "--reuse-plan-of", "run-7"], "not a run id"),
         (["runs", "--limit", "0"], "positive"),
     ],
 )

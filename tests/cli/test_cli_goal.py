@@ -29,3 +29,18 @@ def test_without_a_key_every_submission_is_a_new_run() -> None:
 def test_redact_hides_only_the_password() -> None:
     assert redact("nats://me:pw@host:4222") == "nats://me:***@host:4222"
     assert redact("nats://host:4222") == "nats://host:4222"
+
+
+def test_replan_and_reuse_travel_on_the_goal() -> None:
+    earlier = build_goal("bench 2", tenant="acme", budget_cents=5)
+    goal = build_goal(
+        "bench 2",
+        tenant="acme",
+        budget_cents=5,
+        replan_within_budget=True,
+        reuse_plan_of=earlier.run_id,
+    )
+    assert goal.replan_within_budget is True
+    assert goal.reuse_plan_of == earlier.run_id
+    plain = build_goal("bench 2", tenant="acme", budget_cents=5)
+    assert (plain.replan_within_budget, plain.reuse_plan_of) == (False, None)

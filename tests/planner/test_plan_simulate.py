@@ -52,3 +52,13 @@ def test_a_bad_budget_is_a_one_line_error() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("aos: error:")
     assert "Traceback" not in done.stderr
+
+
+def test_replan_asks_again_within_the_budget_and_says_why_it_could_not() -> None:
+    done = simulate("summarize the notes", "--budget-cents", "0", "--replan", "--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["feasible"] is False
+    assert report["reasons"][0].endswith("above the budget of 0")
+    assert report["reasons"][1] == "no stub plan for this goal fits in 0 cents"
+    assert report["planning_cost_cents"] == 0  # the stub makes no model call
