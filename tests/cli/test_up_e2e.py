@@ -29,6 +29,10 @@ TEXT = (
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class AosUp:
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.data_dir = data_dir
@@ -40,6 +44,10 @@ class AosUp:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # Ctrl-C as a terminal sends it, even when the tests themselves run in the
+                # background (a shell starts background jobs with SIGINT ignored, and a
+                # child would inherit that and never see the test's SIGINT).
+                preexec_fn=_default_sigint,
             )
 
     def output(self) -> str:
