@@ -351,12 +351,15 @@ def replay_run(executor_url: str, events: list[Any]) -> dict[str, Any]:
     return dict(body)
 
 
-def get_tenant_budget(ledger_url: str, tenant: str, period: str | None = None) -> dict[str, Any]:
+def get_tenant_budget(
+    ledger_url: str, tenant: str, period: str | None = None, token: str | None = None
+) -> dict[str, Any]:
     """The ledger's view of a tenant's budget in a period (default: the current one)."""
     try:
         response = httpx.get(
             f"{ledger_url}/budgets/tenants/{tenant}",
             params={"period": period} if period else None,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
             timeout=10.0,
         )
         body = response.json()

@@ -413,7 +413,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     ledger = config.service_urls.get("ledger")
     if not ledger:
         raise UserError("no ledger URL: is AOS running? (set AOS_LEDGER_URL or `aos up`)")
-    budget = get_tenant_budget(ledger.rstrip("/"), args.tenant, args.period)
+    budget = get_tenant_budget(ledger.rstrip("/"), args.tenant, args.period, token=_token(args))
     if args.json:
         print(json.dumps(budget))
         return EXIT_OK

@@ -189,9 +189,11 @@ async def test_goals_need_a_valid_token_of_their_tenant_with_the_submit_role(
     assert not [p for p in plans if p["run_id"] in refused_ids and p["type"] != "plan.rejected"]
     assert not [b for b in budget if b["run_id"] in refused_ids]
     assert any(b["run_id"] == good and b["type"] == "budget.opened" for b in budget)
-    async with httpx.AsyncClient(base_url=system.ledger.url) as ledger:
+    reader = {"Authorization": f"Bearer {token(roles=('read',))}"}
+    async with httpx.AsyncClient(base_url=system.ledger.url, headers=reader) as ledger:
         for run_id in refused_ids:
             assert (await ledger.get(f"/budgets/runs/{run_id}")).status_code == 404
+        assert (await ledger.get(f"/budgets/runs/{good}")).status_code == 200
 
     async with httpx.AsyncClient() as client:
         ready = (await client.get(f"{system.planner.url}/readyz")).json()

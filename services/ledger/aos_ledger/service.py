@@ -69,7 +69,14 @@ from aos_ledger.store import (
     period_of,
 )
 from aos_plumbing import metrics
-from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, bearer_token, message_time
+from aos_plumbing.auth import (
+    ROLE_READ,
+    ROLE_SUBMIT,
+    Authenticator,
+    AuthError,
+    bearer_token,
+    message_time,
+)
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
 
@@ -518,10 +525,25 @@ class LedgerService:
 
     # --- http ---------------------------------------------------------------------------
 
+    def _caller(self, request: web.Request) -> str | web.Response | None:
+        """The tenant the caller's token confines it to (None: no tokens required), or the
+        refusal to send. Budgets are read with the `read` role, like runs in the tracer."""
+        try:
+            return self.auth.caller_tenant(request.headers, ROLE_READ)
+        except AuthError as exc:
+            return web.json_response({"error": exc.reason}, status=exc.http_status)
+
     async def _get_tenant_budget(self, request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
         if not is_valid_tenant(tenant):
             return web.json_response({"error": f"invalid tenant {tenant!r}"}, status=400)
+        caller = self._caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if caller is not None and caller != tenant:
+            return web.json_response(
+                {"error": f"the token is for tenant {caller!r}, not {tenant!r}"}, status=403
+            )
         period = request.query.get("period") or self.current_period()
         balances = await self.store.tenant_balances(tenant, period)
         cap = self.settings.tenant_cap(tenant)
@@ -539,12 +561,17 @@ class LedgerService:
 
     async def _get_budget(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
+        caller = self._caller(request)
+        if isinstance(caller, web.Response):
+            return caller
         balances = await self.store.balances(run_id)
-        if balances is None:
+        # Another tenant's run is answered as unknown: its existence is not the caller's.
+        if balances is None or (caller is not None and balances.tenant != caller):
             return web.json_response({"error": f"no budget for run {run_id}"}, status=404)
         return web.json_response(
             {
                 "run_id": run_id,
+                "tenant": balances.tenant,
                 "cap_cents": balances.cap_cents,
                 "reserved_cents": balances.reserved_cents,
                 "committed_cents": balances.committed_cents,

@@ -183,6 +183,15 @@ class Authenticator:
         self.require_role(principal, role)
         return principal
 
+    def caller_tenant(self, headers: Mapping[str, str] | None, role: str) -> str | None:
+        """The tenant a request's bearer token confines it to, once it holds `role`;
+        None when no tokens are required (stub mode). AuthError when refused."""
+        if not self.enabled:
+            return None
+        principal = self.principal(bearer_token(headers))
+        self.require_role(principal, role)
+        return principal.tenant
+
     def require_role(self, principal: Principal, role: str) -> None:
         if self.rbac_enforce and role not in principal.roles:
             held = ", ".join(sorted(principal.roles)) or "none"
