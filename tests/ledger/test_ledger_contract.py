@@ -18,6 +18,7 @@ from aos_contracts import (
     FailureCode,
 )
 from tests.ledger.harness import (
+    TENANT,
     LedgerFactory,
     decisions_in,
     eventually,
@@ -108,11 +109,16 @@ async def test_ledger_answers_the_executor_with_contract_events(
     assert response.status_code == 200
     assert response.json() == {
         "run_id": str(run_id),
+        "tenant": TENANT,
         "cap_cents": 100,
         "reserved_cents": 0,
         "committed_cents": 45,
         "remaining_cents": 55,
     }
+    # Spend is counted per tenant, for the burn-rate alert (AosTenantSpendBurnRateHigh).
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{ledger.url}/metrics")).text
+    assert f'aos_budget_cents_total{{kind="committed",tenant="{TENANT}"}} 45.0' in metrics
 
 
 async def test_a_request_ahead_of_its_goal_is_not_denied(

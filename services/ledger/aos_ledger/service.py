@@ -83,7 +83,9 @@ from aos_plumbing.http import ServiceHttp
 log = logging.getLogger(__name__)
 
 BUDGET_CENTS = metrics.counter(
-    "aos_budget_cents_total", "cents reserved, committed, denied or released", ("kind",)
+    "aos_budget_cents_total",
+    "cents reserved, committed, denied or released, per tenant",
+    ("kind", "tenant"),
 )
 BUDGET_DECISIONS = metrics.counter(
     "aos_budget_decisions_total", "reservation decisions", ("outcome",)
@@ -422,7 +424,7 @@ class LedgerService:
             return []
         if change.is_new:
             BUDGET_DECISIONS.labels(record.decision).inc()
-            BUDGET_CENTS.labels(record.decision).inc(record.amount_cents)
+            BUDGET_CENTS.labels(record.decision, request.tenant).inc(record.amount_cents)
         return [decision_event(request, record)]
 
     async def commit(
@@ -443,8 +445,8 @@ class LedgerService:
         record = change.reservation
         committed = committed_event(step, record)
         if change.is_new:
-            BUDGET_CENTS.labels("committed").inc(committed.committed_cents)
-            BUDGET_CENTS.labels("released").inc(committed.released_cents)
+            BUDGET_CENTS.labels("committed", step.tenant).inc(committed.committed_cents)
+            BUDGET_CENTS.labels("released", step.tenant).inc(committed.released_cents)
         return [*self._decision_first(step, record), committed]
 
     async def release_all(
@@ -459,7 +461,9 @@ class LedgerService:
             events.append(released_event(terminal, change.reservation))
         for change in changes:
             if change.is_new:
-                BUDGET_CENTS.labels("released").inc(change.reservation.released_cents or 0)
+                BUDGET_CENTS.labels("released", terminal.tenant).inc(
+                    change.reservation.released_cents or 0
+                )
         return events
 
     # --- expiry ---------------------------------------------------------------------------
@@ -499,7 +503,9 @@ class LedgerService:
             await self.store.expiry_published(run_id, reservation_id)
             if expired.is_new:
                 released += 1
-                BUDGET_CENTS.labels("released").inc(expired.reservation.released_cents or 0)
+                BUDGET_CENTS.labels("released", expired.tenant).inc(
+                    expired.reservation.released_cents or 0
+                )
         if released:
             log.info("released %d expired reservations", released)
         return released
