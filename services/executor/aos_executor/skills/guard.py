@@ -12,8 +12,9 @@ Allow-list entries (`AOS_HTTP_ALLOW_HOSTS`, comma separated): a host name
 or a network (`10.0.0.0/8`). Both refusals fail the step with EXTERNAL_CALLS_DISABLED
 (not retryable: the same call would be refused again).
 
-Limit: the check resolves the name, then httpx resolves it again to connect; a DNS
-server that answers differently the second time (rebinding) is not caught here.
+The connection goes to the first address the check returned (http_call pins it in the
+URL and sends the name in `Host` and, for TLS, as SNI and in the certificate check), so
+a DNS server that answers differently the second time (rebinding) cannot redirect it.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ except 408 and 429), SKILL_TIMEOUT, CIRCUIT_OPEN, EXTERNAL_CALLS_DISABLED, INPUT
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpcore
 import httpx
 from pydantic import BaseModel
 
@@ -57,6 +59,67 @@ class _Outcome(Exception):
         self.status_code = status_code
 
 
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Opens a host's connections to the address the SSRF guard last checked for it.
+
+    httpx would otherwise resolve the name again to connect, and a DNS server that
+    answers differently the second time (rebinding) could send the call to an address
+    the guard never saw. The URL keeps its name, so `Host`, TLS SNI, the certificate
+    check and connection pooling all stay per name; only the address is pinned."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self.pins: dict[str, str] = {}
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        address = self.pins.get(host)
+        if address is None:
+            # Every call is checked before it is sent: an unchecked host is a bug.
+            raise httpcore.ConnectError(f"{host} was not checked by the SSRF guard")
+        return await self._inner.connect_tcp(
+            address,
+            port,
+            timeout=timeout,
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("http_call does not connect to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def pinned_transport(backend: PinnedBackend, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """httpx's transport (TLS settings, request and response mapping) over a connection
+    pool that connects through `backend`."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False, limits=limits)
+    # httpx 0.28 builds its pool in the constructor with no way to pass a network
+    # backend; the pool is rebuilt with the same settings and the pinning backend.
+    # tests/executor/test_http_pinning.py fails if a new httpx changes this.
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=transport._pool._ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=backend,
+    )
+    return transport
+
+
 def _decode_body(raw: bytes, content_type: str) -> Any:
     text = raw.decode("utf-8", errors="replace")
     if "json" in content_type.lower():
@@ -79,13 +142,17 @@ class HttpCallSkill:
     backend: str = "httpx"
 
     def __post_init__(self) -> None:
+        self.backend_pins = PinnedBackend()
         if self.client is None:
             self.client = httpx.AsyncClient(
                 # trust_env=False: a proxy from the environment would sit between the
                 # SSRF guard's view of the address and the real connection.
                 trust_env=False,
                 follow_redirects=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                transport=pinned_transport(
+                    self.backend_pins,
+                    httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                ),
                 headers={"user-agent": USER_AGENT},
             )
 
@@ -109,7 +176,9 @@ class HttpCallSkill:
                 FailureCode.INPUT_INVALID, "http_call: give json_body or body, not both"
             )
         port = url.port or (443 if url.scheme == "https" else 80)
-        await self.policy.check(url.host, port)
+        addresses = await self.policy.check(url.host, port)
+        # Keyed as httpcore names the host when it connects (IDNA-encoded).
+        self.backend_pins.pins[url.raw_host.decode("ascii")] = addresses[0]
         breaker = self.breakers.get(f"http:{url.host}:{port}")
         delays: list[float] = []
         calls = 0
