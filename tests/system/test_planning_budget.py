@@ -269,3 +269,21 @@ async def test_a_call_cut_off_by_a_planner_crash_is_charged_its_worst_case_once(
     assert created["planning_cost_cents"] == worst_case + 1
     balances = await settled_budget(system, run_id)
     assert balances["committed_cents"] == end["cost_cents"] >= worst_case + 1
+
+
+async def test_a_slow_planning_call_does_not_hold_back_the_goals_behind_it(
+    system: System, api: ScriptedMessagesApi
+) -> None:
+    await use_anthropic_planner(system, api)
+    api.replies = [plan_call(SUMMARY_PLAN, hold_s=4.0), plan_call(SUMMARY_PLAN)]
+    async with connected(system.nats_url) as nc, RunWatcher(nc, system.namespace) as watcher:
+        slow = await submit(system, nc, budget_cents=100)
+        for _ in range(200):
+            if api.requests:
+                break
+            await asyncio.sleep(0.05)
+        fast = await submit(system, nc, budget_cents=100)
+        ends = await watcher.wait([slow, fast])
+    assert ends[slow]["type"] == ends[fast]["type"] == "run.completed"
+    # The second goal was planned (and run) while the first one's call was still open.
+    assert ends[fast]["occurred_at"] < ends[slow]["occurred_at"]

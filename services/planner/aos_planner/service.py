@@ -12,9 +12,11 @@ Planning calls of a paid backend are budgeted on the ledger like steps (metering
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from anthropic import AsyncAnthropic
 
@@ -66,6 +68,7 @@ class PlannerService:
         self.planner = make_planner(settings)
         self.auth = Authenticator.from_settings(settings)
         self.store: DecisionStore = make_store(settings.database_url)
+        self._run_locks = RunLocks()
         self.bus: EventBus | None = None
         self.consumer: LogConsumer | None = None
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
@@ -89,6 +92,9 @@ class PlannerService:
             per_run(self.handle),
             batch_size=self.settings.consumer_batch,
             event_types=type_names(GoalSubmitted),  # cancellations are the executor's
+            # A planning call can take a minute: goals that arrive meanwhile are planned
+            # in the next batches instead of waiting for it.
+            batches_in_flight=self.settings.batches_in_flight,
         )
         await self.consumer.start()
         bus = self.bus
@@ -130,6 +136,12 @@ class PlannerService:
         goal = delivery.event
         if not isinstance(goal, GoalSubmitted):
             return  # run.cancel_requested is the executor's business
+        # Batches are handled concurrently: one run's goals (a redelivery, a reused run
+        # id) are decided one at a time, so the second finds the first's decision.
+        async with self._run_locks.hold(goal.run_id):
+            await self._handle_goal(delivery, goal)
+
+    async def _handle_goal(self, delivery: Delivery, goal: GoalSubmitted) -> None:
         assert self.bus is not None
         recorded = await self.store.decision(goal.run_id)
         if recorded is not None:
@@ -237,6 +249,27 @@ class PlannerService:
         assert self.bus is not None
         acks = await self.bus.publish_all(events)
         await self.store.mark_published(goal.run_id, max(ack.seq for ack in acks))
+
+
+class RunLocks:
+    """A lock per run, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, run_id: uuid.UUID) -> AsyncIterator[None]:
+        lock, users = self._locks.get(run_id, (asyncio.Lock(), 0))
+        self._locks[run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[run_id]
+            if users == 1:
+                del self._locks[run_id]
+            else:
+                self._locks[run_id] = (lock, users - 1)
 
 
 def _outcome_label(event: EventEnvelope) -> str:

@@ -45,6 +45,14 @@ class PlannerSettings(CommonSettings):
         description="deliveries of a goal whose planning fails for want of the ledger or "
         "the model API; then the goal is rejected with DEPENDENCY_UNAVAILABLE",
     )
+    batches_in_flight: int = Field(
+        default=8,
+        alias="AOS_PLANNER_BATCHES_IN_FLIGHT",
+        ge=1,
+        le=64,
+        description="goal batches planned at once: a slow planning call holds back only "
+        "its own batch",
+    )
     ledger_timeout_s: float = Field(
         default=10.0,
         alias="AOS_PLANNER_LEDGER_TIMEOUT_S",

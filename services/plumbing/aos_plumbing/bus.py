@@ -298,6 +298,7 @@ class EventBus:
         start_after_seq: int | None = None,
         park_after_deliveries: int = 10,
         event_types: Collection[str] | None = None,
+        batches_in_flight: int = 1,
     ) -> LogConsumer:
         return LogConsumer(
             self,
@@ -308,6 +309,7 @@ class EventBus:
             start_after_seq=start_after_seq,
             park_after_deliveries=park_after_deliveries,
             event_types=None if event_types is None else frozenset(event_types),
+            batches_in_flight=batches_in_flight,
         )
 
 
@@ -368,6 +370,12 @@ class LogConsumer:
     for some consumers: the executor wants two of the budget stream's five types).
     Messages without the header are decoded and handed over as usual.
 
+    `batches_in_flight` above 1 fetches the next batch while earlier ones are handled
+    (up to that many at once), for handlers that wait on slow calls (the planner on a
+    model): a slow batch no longer holds back the events behind it. Events of one run may
+    then be handled concurrently across batches, so the handler must not rely on their
+    order (the planner serialises a run with a lock of its own).
+
     `start_after_seq` is the last sequence the owner's store applied. When the durable
     consumer on the server is ahead of it (the store was wiped, or restored from an older
     backup) the consumer is recreated to deliver from there: that is how a store is rebuilt
@@ -382,12 +390,18 @@ class LogConsumer:
     start_after_seq: int | None = None
     park_after_deliveries: int = 10
     event_types: frozenset[str] | None = None
+    batches_in_flight: int = 1
     _sub: JetStreamContext.PullSubscription | None = field(default=None, init=False)
+    _slots: asyncio.Semaphore = field(init=False)
+    _in_flight: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _running: bool = field(default=False, init=False)
     _fetching: bool = field(default=False, init=False)
     _lag_task: asyncio.Task[None] | None = field(default=None, init=False)
     last_batch_at: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.batches_in_flight)
 
     @property
     def stream(self) -> str:
@@ -452,6 +466,9 @@ class LogConsumer:
                 await asyncio.wait_for(self._task, timeout=10.0)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self._in_flight:
+            # Batches still being handled finish (and are acked) first, as above.
+            await asyncio.wait(set(self._in_flight), timeout=10.0)
         if self._sub is not None:
             with contextlib.suppress(Exception):  # best effort on shutdown
                 await self._sub.unsubscribe()
@@ -490,12 +507,26 @@ class LogConsumer:
                 continue
             finally:
                 self._fetching = False
-            try:
-                await self.process(msgs)
-            except Exception:  # a failing batch is redelivered, not fatal
-                log.exception("%s: batch failed; it will be redelivered", self.durable)
-                for msg in msgs:
-                    await _safe_nak(msg, delay=1.0)
+            if self.batches_in_flight == 1:
+                await self._process_or_nak(msgs)
+                continue
+            # The next batch is fetched while this one is handled, up to the limit.
+            await self._slots.acquire()
+            task = asyncio.create_task(self._process_or_nak(msgs))
+            self._in_flight.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    async def _process_or_nak(self, msgs: list[Msg]) -> None:
+        try:
+            await self.process(msgs)
+        except Exception:  # a failing batch is redelivered, not fatal
+            log.exception("%s: batch failed; it will be redelivered", self.durable)
+            for msg in msgs:
+                await _safe_nak(msg, delay=1.0)
 
     async def process(self, msgs: list[Msg]) -> None:
         deliveries: list[Delivery] = []
