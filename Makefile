@@ -14,7 +14,7 @@ PACKAGES := contracts/aos_contracts \
 	services/ledger/aos_ledger \
 	services/tracer/aos_tracer \
 	cli/aos_cli
-MYPY_PATHS := $(PACKAGES) bench
+MYPY_PATHS := $(PACKAGES) bench tests
 
 .PHONY: venv infra-tools test lint format run bench schemas clean
 

@@ -24,6 +24,7 @@ from aos_executor.checkpoints import (
     Book,
     Checkpoint,
     PostgresCheckpointStore,
+    ReadLog,
     fold_log,
     run_from_dict,
     run_to_dict,
@@ -75,7 +76,7 @@ def run_history(steps: int = 3) -> list[tuple[str, EventEnvelope]]:
     return history
 
 
-def reader(history: list[tuple[str, EventEnvelope]]):  # type: ignore[no-untyped-def]
+def reader(history: list[tuple[str, EventEnvelope]]) -> ReadLog:
     by_context: dict[str, list[tuple[int, bytes]]] = {}
     for context, event in history:
         log = by_context.setdefault(context, [])

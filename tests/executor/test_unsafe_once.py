@@ -36,6 +36,9 @@ class CountingEffect:
             raise SkillError(Failure.of(self.fail_with, "the far side said no"))
         return SkillResult({"status": 201, "call": self.calls}, cost_cents=2)
 
+    async def aclose(self) -> None:
+        """Holds nothing to release."""
+
 
 def executor(infra: InfraUrls, namespace: str) -> ExecutorService:
     settings = ExecutorSettings.model_validate(

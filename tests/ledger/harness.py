@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import nats
@@ -19,7 +19,9 @@ from redis.asyncio import Redis
 
 from aos_contracts import (
     AnyEvent,
+    BudgetCommitted,
     BudgetDenied,
+    BudgetReleased,
     BudgetReservationRequested,
     BudgetReserved,
     EventEnvelope,
@@ -220,18 +222,20 @@ def fold_tenants(stream: Iterable[tuple[int, AnyEvent]]) -> dict[tuple[str, str]
     reserved: Counter[tuple[str, str]] = Counter()
     committed: Counter[tuple[str, str]] = Counter()
     held: dict[uuid.UUID, tuple[tuple[str, str], int]] = {}
-    periods: dict[uuid.UUID, str] = {}
+    periods: dict[uuid.UUID, str | None] = {}
     for _seq, event in stream:
         if event.event_id in seen or not event.type.startswith("budget."):
             continue
         seen.add(event.event_id)
         if event.type == "budget.opened":
             continue
-        period = periods.setdefault(event.reservation_id, getattr(event, "tenant_period", None))
+        # Besides budget.opened, the budget stream holds only these.
+        assert isinstance(event, BudgetReserved | BudgetDenied | BudgetCommitted | BudgetReleased)
+        period = periods.setdefault(event.reservation_id, event.tenant_period)
         if period is None:
             continue
         key = (event.tenant, period)
-        if event.type in DECISIONS and event.tenant_cap_cents is not None:
+        if isinstance(event, BudgetReserved | BudgetDenied) and event.tenant_cap_cents is not None:
             caps[key] = event.tenant_cap_cents
         if event.type == "budget.reserved":
             held[event.reservation_id] = (key, event.amount_cents)
@@ -257,7 +261,11 @@ async def tenant_snapshot(store: BudgetStore) -> dict[tuple[str, str], TenantBal
 
 async def expiries(store: BudgetStore) -> dict[str, float]:
     """The expiry index: reservation -> when it expires (epoch ms)."""
-    pairs = await store.redis.zrange(store.expiries_key, 0, -1, withscores=True)
+    # withscores=True: (member, score) pairs, which redis-py's return annotation leaves open.
+    pairs = cast(
+        list[tuple[bytes | str, float]],
+        await store.redis.zrange(store.expiries_key, 0, -1, withscores=True),
+    )
     return {(k.decode() if isinstance(k, bytes) else k): score for k, score in pairs}
 
 

@@ -58,7 +58,9 @@ class ScriptedMessagesApi:
     async def _messages(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
-        reply = self.replies.pop(0) if self.replies else {"error": (500, "api_error", "no more")}
+        reply: dict[str, Any] = (
+            self.replies.pop(0) if self.replies else {"error": (500, "api_error", "no more")}
+        )
         if reply.get("hold_s"):
             await asyncio.sleep(reply["hold_s"])
         if "error" in reply:

@@ -45,7 +45,7 @@ async def notes() -> AsyncIterator[NotesServer]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     assert site._server is not None
-    server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     try:
         yield server
     finally:

@@ -77,9 +77,11 @@ async def test_a_tracer_killed_while_consuming_stores_every_event_exactly_once(
     stored = 0
     for _ in range(3):
         tracer.start()
-        stored = await until(
-            lambda: stored_count(database), lambda n, before=stored: n > before, what="progress"
-        )
+
+        def progressed(n: int, before: int = stored) -> bool:
+            return n > before
+
+        stored = await until(lambda: stored_count(database), progressed, what="progress")
         tracer.kill()  # SIGKILL: mid-transaction, or committed but not acknowledged
     tracer.start()
     # Batches the kills left unacknowledged come back after the consumer's ack wait.

@@ -11,7 +11,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from aos_contracts import GoalSubmitted
+from aos_contracts import GoalSubmitted, RunCompleted
 from aos_contracts.parked import ParkedMessage
 from aos_tracer.postgres import MIGRATIONS, PostgresTraceStore
 from aos_tracer.rows import ParkedRow, TracedEvent
@@ -87,7 +87,9 @@ async def test_applying_the_same_batch_again_stores_nothing_twice(
     assert await store.last_seq("AOS_RUNS") == 99
     assert await store.last_seq("AOS_NEVER_SEEN") == 0
     # A batch redelivered after later ones (its ack wait ran out) is stored, late.
-    late = TracedEvent(first.stream, 100, first.subject, happy_run().events[-1])
+    completed = happy_run().events[-1]
+    assert isinstance(completed, RunCompleted)
+    late = TracedEvent(first.stream, 100, first.subject, completed)
     assert await store.apply("AOS_RUNS", [late]) == 1
     assert await store.apply("AOS_RUNS", [TracedEvent(first.stream, 50, "s", late.event)]) == 0
     assert await store.last_seq("AOS_RUNS") == 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from datetime import timedelta
 
@@ -14,7 +15,7 @@ from aos_contracts import (
     RunFailed,
     StepSucceeded,
 )
-from aos_tracer.rows import TracedEvent
+from aos_tracer.rows import RunRow, TracedEvent
 from aos_tracer.store import InMemoryTraceStore
 from aos_tracer.timeline import render_timeline
 from tests.tracer.tracer_events import (
@@ -168,7 +169,7 @@ async def test_runs_are_listed_newest_first_and_filtered() -> None:
     store = InMemoryTraceStore()
     await apply_one_by_one(store, in_log([*older.events, *newer.events, *other.events]))
 
-    def ids(runs: list) -> list:
+    def ids(runs: list[RunRow]) -> list[uuid.UUID]:
         return [run.run_id for run in runs]
 
     assert ids(await store.list_runs(tenant=None, status=None, limit=10)) == [

@@ -99,7 +99,11 @@ class RunStory:
     ) -> RunStory:
         skill = self.planned[step_id]
         reservation = uuid.uuid4()
-        common = {"step_id": step_id, "attempt": attempt, "reservation_id": reservation}
+        common: dict[str, Any] = {
+            "step_id": step_id,
+            "attempt": attempt,
+            "reservation_id": reservation,
+        }
         self.add(BudgetReservationRequested, amount_cents=5, **common)
         self.add(BudgetReserved, amount_cents=5, remaining_cents=90, **common)
         self.add(StepStarted, skill=skill, **common)
