@@ -77,6 +77,7 @@ async def secured(
             "AOS_JWT_AUDIENCE": AUDIENCE,
             "ANTHROPIC_API_KEY": API_KEY,
             "ANTHROPIC_BASE_URL": claude.base_url,
+            "AOS_SKILL_ROLES": '{"http_call": "skill:http"}',
         },
     )
     try:
@@ -338,3 +339,20 @@ async def test_secrets_never_reach_a_log_or_a_trace(
     # nor the signature part of the token (the part that makes it usable)
     signature = bearer.rsplit(".", 1)[1]
     assert all(signature not in text for text in [*logs.values(), traced, database_text])
+
+
+async def test_a_plan_may_use_only_the_skills_the_token_has_roles_for(
+    secured: System,
+) -> None:
+    system = secured
+    fetch = "fetch https://api.example.com/notes.json"
+    async with connected(system.nats_url) as nc, RunWatcher(nc, system.namespace) as watcher:
+        refused = await submit(nc, system, goal(fetch), token())
+        allowed = await submit(nc, system, goal(fetch), token(roles=("submit", "skill:http")))
+        ends = await watcher.wait([refused, allowed])
+        plans = await read_stream(nc, system.namespace, "plans")
+    end = ends[refused]
+    assert end["type"] == "run.failed" and end["error"]["code"] == "FORBIDDEN"
+    assert "step 'fetch' uses http_call, which needs role 'skill:http'" in (end["error"]["message"])
+    decided = {p["run_id"]: p["type"] for p in plans if p["type"].startswith("plan.")}
+    assert decided == {refused: "plan.rejected", allowed: "plan.created"}

@@ -45,7 +45,14 @@ from aos_planner.settings import PlannerSettings
 from aos_planner.store import DecisionStore, make_store
 from aos_planner.stub import StubPlanner
 from aos_plumbing import metrics
-from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, bearer_token, message_time
+from aos_plumbing.auth import (
+    ROLE_SUBMIT,
+    Authenticator,
+    AuthError,
+    Principal,
+    bearer_token,
+    message_time,
+)
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
 from aos_plumbing.reachability import AnthropicProbe
@@ -157,11 +164,11 @@ class PlannerService:
             else:
                 log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
             return
-        refusal = self._refusal(delivery, goal)
+        refusal, principal = self._admit(delivery, goal)
         if refusal is not None:
             events: list[EventEnvelope] = [refusal]
         else:
-            events = await self._decide(goal, delivery.num_delivered)
+            events = await self._decide(goal, delivery.num_delivered, principal)
         decision = await self.store.record(goal.run_id, goal.tenant, events)
         await self._publish(goal, decision.events)
         if decision.recorded_now:  # another replica's decision was counted by it
@@ -171,15 +178,18 @@ class PlannerService:
             if cost:
                 PLANNING_CENTS.labels(self.planner.name).inc(cost)
 
-    def _refusal(self, delivery: Delivery, goal: GoalSubmitted) -> PlanRejected | None:
-        """plan.rejected for a goal whose token does not allow it; None when allowed.
+    def _admit(
+        self, delivery: Delivery, goal: GoalSubmitted
+    ) -> tuple[PlanRejected | None, Principal | None]:
+        """plan.rejected for a goal whose token does not allow it, or who the token names
+        (None when tokens are not required).
 
         Refused at the door: no run.accepted, and the executor answers the rejection
         with run.failed, so the submitter sees why."""
         if not self.auth.enabled:
-            return None
+            return None, None
         try:
-            self.auth.authorize(
+            principal = self.auth.authorize(
                 bearer_token(delivery.msg.headers),
                 tenant=goal.tenant,
                 role=ROLE_SUBMIT,
@@ -187,10 +197,37 @@ class PlannerService:
             )
         except AuthError as exc:
             log.warning("run %s: goal refused: %s", goal.run_id, exc.reason)
-            return goal.caused(PlanRejected, "plan.rejected", reasons=[exc.reason], code=exc.code)
-        return None
+            refusal = goal.caused(
+                PlanRejected, "plan.rejected", reasons=[exc.reason], code=exc.code
+            )
+            return refusal, None
+        return None, principal
 
-    async def _decide(self, goal: GoalSubmitted, delivery_count: int) -> list[EventEnvelope]:
+    def _skill_roles_refusal(
+        self, outcome: Planned | Refused, principal: Principal | None
+    ) -> Planned | Refused:
+        """The outcome, or a FORBIDDEN refusal when the plan uses a skill whose role
+        (AOS_SKILL_ROLES) the goal's token does not hold. Judged on the plan, so after
+        planning: what planning cost stays charged."""
+        if not isinstance(outcome, Planned) or principal is None or not self.auth.rbac_enforce:
+            return outcome
+        missing = [
+            f"step {step.id!r} uses {step.skill}, which needs role {role!r}"
+            for step in outcome.plan.steps
+            if (role := self.settings.skill_roles.get(step.skill)) is not None
+            and role not in principal.roles
+        ]
+        if not missing:
+            return outcome
+        return Refused(
+            [f"the token may not use every skill of the plan: {'; '.join(missing)}"],
+            FailureCode.FORBIDDEN,
+            outcome.planning_cost_cents,
+        )
+
+    async def _decide(
+        self, goal: GoalSubmitted, delivery_count: int, principal: Principal | None = None
+    ) -> list[EventEnvelope]:
         """run.accepted (unless the meter published it already) and the decision.
 
         What keeps planning from finishing (the ledger or the model API not answering)
@@ -200,7 +237,7 @@ class PlannerService:
         assert self.bus is not None
         accepted = accepted_event(goal, self.planner.name)
         if goal.reuse_plan_of is not None:
-            return [accepted, await self._reuse(goal, goal.reuse_plan_of)]
+            return [accepted, await self._reuse(goal, goal.reuse_plan_of, principal)]
         meter = LedgerMeter(
             self.bus,
             goal,
@@ -225,10 +262,12 @@ class PlannerService:
             )
         finally:
             await meter.close()
-        decision = decision_event(goal, outcome)
+        decision = decision_event(goal, self._skill_roles_refusal(outcome, principal))
         return [decision] if meter.published_first else [accepted, decision]
 
-    async def _reuse(self, goal: GoalSubmitted, earlier: uuid.UUID) -> EventEnvelope:
+    async def _reuse(
+        self, goal: GoalSubmitted, earlier: uuid.UUID, principal: Principal | None
+    ) -> EventEnvelope:
         """The decision for a goal that names an earlier run's plan: that plan, validated
         and estimated again (skills and prices may have changed), with no backend call."""
         previous = await self.store.recorded_plan(goal.tenant, earlier)
@@ -243,6 +282,7 @@ class PlannerService:
         outcome = await plan_goal(
             goal, self.planner, Unmetered(), validate=self.validate, recorded=previous.plan
         )
+        outcome = self._skill_roles_refusal(outcome, principal)
         return decision_event(goal, outcome, reused_plan_of=earlier)
 
     async def _publish(self, goal: GoalSubmitted, events: Sequence[EventEnvelope]) -> None:

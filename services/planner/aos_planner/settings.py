@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from aos_contracts.plans import MAX_PLAN_STEPS, PlanLimits
+from aos_contracts.skills import SKILL_CONTRACTS
 from aos_plumbing.settings import CommonSettings
 
 
@@ -53,6 +54,12 @@ class PlannerSettings(CommonSettings):
         description="goal batches planned at once: a slow planning call holds back only "
         "its own batch",
     )
+    skill_roles: dict[str, str] = Field(
+        default_factory=dict,
+        alias="AOS_SKILL_ROLES",
+        description="JSON: the role a goal's token needs for a plan to use a skill, e.g. "
+        '{"http_call": "skill:http"}; skills not named need none. Enforced with RBAC_ENFORCE',
+    )
     ledger_timeout_s: float = Field(
         default=10.0,
         alias="AOS_PLANNER_LEDGER_TIMEOUT_S",
@@ -63,3 +70,11 @@ class PlannerSettings(CommonSettings):
 
     def plan_limits(self) -> PlanLimits:
         return PlanLimits(max_steps=self.max_plan_steps, max_depth=self.max_plan_depth)
+
+    @field_validator("skill_roles")
+    @classmethod
+    def _known_skills(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(SKILL_CONTRACTS))
+        if unknown:
+            raise ValueError(f"AOS_SKILL_ROLES names unknown skills {unknown}")
+        return value
