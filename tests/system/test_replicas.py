@@ -46,7 +46,17 @@ async def test_a_standby_takes_over_and_nothing_runs_twice(system: System) -> No
                 await submit_goal(nc, ns, f"bench {STEPS}", budget_cents=5) for _ in range(10)
             ]
             assert await eventually_one_active(standby) is standby
-            ends = await watcher.wait(first + second_half, within_s=90)
+            try:
+                ends = await watcher.wait(first + second_half, within_s=90)
+            except TimeoutError:
+                # Say which runs did not end, and what the executors said, so that a
+                # rare failure can be understood from the report alone.
+                missing = sorted(set(first + second_half) - set(watcher.ends))
+                raise AssertionError(
+                    f"{len(missing)} runs never ended: {missing}\n"
+                    f"--- standby (now active) ---\n{standby.tail(80)}\n"
+                    f"--- killed active ---\n{active.tail(30)}"
+                ) from None
             runs = await read_stream(nc, ns, "runs")
     finally:
         second.stop()
