@@ -247,14 +247,6 @@ class EventBus:
         finally:
             await sub.unsubscribe()
 
-    async def replay_events(self, context: str, *, start_seq: int = 1) -> AsyncIterator[AnyEvent]:
-        """Replay, decoded; undecodable messages were parked by the live consumer already."""
-        async for _seq, msg in self.replay(context, start_seq=start_seq):
-            try:
-                yield decode_event(msg.data)
-            except EventDecodeError:
-                continue
-
     async def run_events(self, context: str, tenant: str, run_id: object) -> list[AnyEvent]:
         """The events of one run in one stream so far, in log order, read by subject
         (direct gets: one round trip per event, so for runs with few events in that
