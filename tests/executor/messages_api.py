@@ -22,6 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.http import serve_on_loopback
+
 ERRORS = {
     "429": (429, "rate_limit_error", "Number of request tokens has exceeded your rate limit."),
     "529": (529, "overloaded_error", "Overloaded"),
@@ -55,13 +57,7 @@ class MessagesApi:
     async def start(self) -> MessagesApi:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

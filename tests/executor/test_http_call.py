@@ -29,6 +29,7 @@ from aos_executor.skills import (
 from aos_executor.skills.circuit import CircuitBreaker, CircuitState
 from aos_executor.skills.guard import is_forbidden_address
 from aos_executor.skills.retry import parse_retry_after
+from tests.support.http import serve_on_loopback
 
 
 @dataclass
@@ -88,12 +89,7 @@ async def origin() -> AsyncIterator[Origin]:
     server = Origin()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None
-    server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    runner, server.port = await serve_on_loopback(app)
     try:
         yield server
     finally:

@@ -11,6 +11,7 @@ from aiohttp import web
 from aos_contracts.skills import HttpCallParams
 from aos_executor.skills import HttpCallSkill, SkillContext
 from aos_executor.skills.guard import HostPolicy
+from tests.support.http import serve_on_loopback
 
 
 @pytest.fixture
@@ -24,11 +25,7 @@ async def origin() -> AsyncIterator[tuple[int, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    runner, port = await serve_on_loopback(app)
     try:
         yield port, hosts
     finally:

@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.http import serve_on_loopback
+
 
 def plan_call(
     plan: dict[str, Any], *, stop_reason: str = "tool_use", hold_s: float = 0.0
@@ -44,11 +46,7 @@ class ScriptedMessagesApi:
     async def start(self) -> ScriptedMessagesApi:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from aos_plumbing.reachability import AnthropicProbe
+from tests.support.http import serve_on_loopback
 from tests.support.processes import free_port
 
 
@@ -28,11 +29,7 @@ async def endpoint() -> AsyncIterator[ModelsEndpoint]:
     served = ModelsEndpoint()
     app = web.Application()
     app.router.add_get("/v1/models", served.models)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    served.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, served.port = await serve_on_loopback(app)
     yield served
     await runner.cleanup()
 

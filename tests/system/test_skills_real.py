@@ -16,6 +16,7 @@ from aiohttp import web
 from aos_contracts.progress import progress_subject
 from tests.executor.messages_api import MessagesApi
 from tests.support.bus import RunWatcher, connected, read_stream, submit_goal
+from tests.support.http import serve_on_loopback
 from tests.system.conftest import System
 
 NOTES = {"notes": ["AOS plans goals.", "It budgets every step.", "It traces runs."]}
@@ -40,12 +41,7 @@ async def notes() -> AsyncIterator[NotesServer]:
     server = NotesServer()
     app = web.Application()
     app.router.add_get("/notes", server.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None
-    server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    runner, server.port = await serve_on_loopback(app)
     try:
         yield server
     finally:
