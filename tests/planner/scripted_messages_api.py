@@ -15,6 +15,33 @@ from aiohttp import web
 
 from tests.support.http import serve_on_loopback
 
+# A valid plan for "summarize the notes": extract the text, then ask the model.
+SUMMARY_PLAN: dict[str, Any] = {
+    "steps": [
+        {
+            "id": "text",
+            "skill": "json_transform",
+            "params": {"op": "extract", "input": "${goal.inputs}", "path": "text"},
+        },
+        {
+            "id": "summary",
+            "skill": "llm_invoke",
+            "depends_on": ["text"],
+            "params": {"prompt": "Summarise: ${steps.text.output}", "max_tokens": 200},
+        },
+    ],
+    "rationale": "extract, then summarise",
+}
+
+
+async def first_request(api: ScriptedMessagesApi, within_s: float = 10.0) -> None:
+    """Until the server has received a request (the planner's call is under way)."""
+    for _ in range(int(within_s / 0.05)):
+        if api.requests:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the planner never called the model")
+
 
 def plan_call(
     plan: dict[str, Any], *, stop_reason: str = "tool_use", hold_s: float = 0.0

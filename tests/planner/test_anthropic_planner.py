@@ -17,24 +17,13 @@ from aos_contracts.failures import FailureCode
 from aos_planner.anthropic_planner import AnthropicPlanner
 from aos_planner.backend import CallOutcome, PlanningFailed
 from aos_planner.planning import Planned, Refused, decide, plan_goal
-from tests.planner.scripted_messages_api import ScriptedMessagesApi, error, plan_call
+from tests.planner.scripted_messages_api import (
+    SUMMARY_PLAN,
+    ScriptedMessagesApi,
+    error,
+    plan_call,
+)
 
-GOOD_PLAN = {
-    "steps": [
-        {
-            "id": "text",
-            "skill": "json_transform",
-            "params": {"op": "extract", "input": "${goal.inputs}", "path": "text"},
-        },
-        {
-            "id": "summary",
-            "skill": "llm_invoke",
-            "depends_on": ["text"],
-            "params": {"prompt": "Summarise: ${steps.text.output}", "max_tokens": 200},
-        },
-    ],
-    "rationale": "extract, then summarise",
-}
 UNKNOWN_SKILL = {"steps": [{"id": "a", "skill": "teleport", "params": {}}]}
 DEAR_PLAN = {
     "steps": [
@@ -75,7 +64,7 @@ def planner(api: ScriptedMessagesApi) -> AnthropicPlanner:
 async def test_a_valid_plan_is_accepted_and_the_skills_are_offered_as_a_forced_tool(
     api: ScriptedMessagesApi,
 ) -> None:
-    api.replies = [plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(SUMMARY_PLAN)]
     events = await decide(goal(), planner(api))
     created = events[-1]
     assert isinstance(created, PlanCreated)
@@ -88,7 +77,7 @@ async def test_a_valid_plan_is_accepted_and_the_skills_are_offered_as_a_forced_t
 
 
 async def test_an_invalid_plan_gets_one_repair_with_the_errors(api: ScriptedMessagesApi) -> None:
-    api.replies = [plan_call(UNKNOWN_SKILL), plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(UNKNOWN_SKILL), plan_call(SUMMARY_PLAN)]
     events = await decide(goal(), planner(api))
     assert isinstance(events[-1], PlanCreated)
     repair = api.requests[1]["messages"]
@@ -113,7 +102,7 @@ async def test_a_plan_invalid_twice_is_rejected_with_every_reason(
 
 async def test_a_reply_cut_off_by_max_tokens_is_repaired(api: ScriptedMessagesApi) -> None:
     partial: dict[str, Any] = {"steps": [{"id": "text", "skill": "json_transform"}]}
-    api.replies = [plan_call(partial, stop_reason="max_tokens"), plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(partial, stop_reason="max_tokens"), plan_call(SUMMARY_PLAN)]
     events = await decide(goal(), planner(api))
     assert isinstance(events[-1], PlanCreated)
     feedback = api.requests[1]["messages"][-1]["content"]
@@ -139,7 +128,7 @@ async def test_a_plan_over_budget_is_rejected_after_one_call_and_its_cost_is_cou
 async def test_a_goal_that_allows_it_is_planned_again_with_the_budget_stated(
     api: ScriptedMessagesApi,
 ) -> None:
-    api.replies = [plan_call(DEAR_PLAN), plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(DEAR_PLAN), plan_call(SUMMARY_PLAN)]
     events = await decide(goal(budget=5, replan=True), planner(api))
     created = events[-1]
     assert isinstance(created, PlanCreated)
@@ -194,7 +183,7 @@ class RecordingMeter:
 async def test_every_call_is_reserved_for_its_worst_case_before_and_charged_after(
     api: ScriptedMessagesApi,
 ) -> None:
-    api.replies = [plan_call(UNKNOWN_SKILL), plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(UNKNOWN_SKILL), plan_call(SUMMARY_PLAN)]
     meter = RecordingMeter()
     outcome = await plan_goal(goal(), planner(api), meter)
     assert isinstance(outcome, Planned) and outcome.planning_cost_cents == 2
@@ -212,7 +201,7 @@ async def test_every_call_is_reserved_for_its_worst_case_before_and_charged_afte
 
 
 async def test_a_call_the_budget_refuses_is_never_made(api: ScriptedMessagesApi) -> None:
-    api.replies = [plan_call(GOOD_PLAN)]
+    api.replies = [plan_call(SUMMARY_PLAN)]
     outcome = await plan_goal(goal(), planner(api), RecordingMeter(allow_cents=1))
     assert isinstance(outcome, Refused)
     assert outcome.code is FailureCode.BUDGET_EXCEEDED

@@ -15,26 +15,15 @@ import pytest
 from aos_contracts import GoalSubmitted
 from aos_contracts.codec import encode_event, event_headers
 from aos_contracts.subjects import goal_subject
-from tests.planner.scripted_messages_api import ScriptedMessagesApi, error, plan_call
+from tests.planner.scripted_messages_api import (
+    SUMMARY_PLAN,
+    ScriptedMessagesApi,
+    error,
+    first_request,
+    plan_call,
+)
 from tests.support.bus import RunWatcher, connected, read_stream
 from tests.system.conftest import System
-
-SUMMARY_PLAN = {
-    "steps": [
-        {
-            "id": "text",
-            "skill": "json_transform",
-            "params": {"op": "extract", "input": "${goal.inputs}", "path": "text"},
-        },
-        {
-            "id": "summary",
-            "skill": "llm_invoke",
-            "depends_on": ["text"],
-            "params": {"prompt": "Summarise: ${steps.text.output}", "max_tokens": 100},
-        },
-    ],
-    "rationale": "extract, then summarise",
-}
 
 
 @pytest.fixture
@@ -244,11 +233,7 @@ async def test_a_call_cut_off_by_a_planner_crash_is_charged_its_worst_case_once(
     api.replies = [plan_call(SUMMARY_PLAN, hold_s=5.0), plan_call(SUMMARY_PLAN)]
     async with connected(system.nats_url) as nc, RunWatcher(nc, system.namespace) as watcher:
         run_id = await submit(system, nc, budget_cents=100)
-        for _ in range(200):
-            if api.requests:
-                break
-            await asyncio.sleep(0.05)
-        assert api.requests, "the planner never called the model"
+        await first_request(api)
         await asyncio.to_thread(system.planner.kill)
         await asyncio.to_thread(system.planner.start)
         end = (await watcher.wait([run_id]))[run_id]
@@ -278,10 +263,7 @@ async def test_a_slow_planning_call_does_not_hold_back_the_goals_behind_it(
     api.replies = [plan_call(SUMMARY_PLAN, hold_s=4.0), plan_call(SUMMARY_PLAN)]
     async with connected(system.nats_url) as nc, RunWatcher(nc, system.namespace) as watcher:
         slow = await submit(system, nc, budget_cents=100)
-        for _ in range(200):
-            if api.requests:
-                break
-            await asyncio.sleep(0.05)
+        await first_request(api)
         fast = await submit(system, nc, budget_cents=100)
         ends = await watcher.wait([slow, fast])
     assert ends[slow]["type"] == ends[fast]["type"] == "run.completed"
