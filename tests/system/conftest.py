@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,26 @@ class System:
     @property
     def all(self) -> list[ServiceProcess]:
         return [self.ledger, self.tracer, self.executor, self.planner]
+
+
+def aos(system: System, *args: str, bearer: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The `aos` command against `system`, with `bearer` (and no other) as its token."""
+    env = {
+        **os.environ,
+        "AOS_NATS_URL": system.nats_url,
+        "AOS_NAMESPACE": system.namespace,
+        "AOS_TRACER_URL": system.tracer.url,
+    }
+    env.pop("AOS_TOKEN", None)
+    if bearer:
+        env["AOS_TOKEN"] = bearer
+    return subprocess.run(
+        [sys.executable, "-m", "aos_cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def make_system(

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 from tests.support.bus import RunWatcher, connected, read_stream, submit_goal
-from tests.system.conftest import System
-
-
-def aos(system: System, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AOS_NATS_URL": system.nats_url, "AOS_NAMESPACE": system.namespace}
-    return subprocess.run(
-        [sys.executable, "-m", "aos_cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.system.conftest import System, aos
 
 
 async def test_a_run_cancelled_before_its_steps_ends_cancelled_with_nothing_run(

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -31,7 +28,7 @@ from aos_contracts.events import GoalSubmitted, RunCancelRequested
 from aos_contracts.subjects import PARKED, goal_subject, stream_name
 from tests.executor.messages_api import MessagesApi
 from tests.support.bus import RunWatcher, connected, read_stream
-from tests.system.conftest import System, make_system
+from tests.system.conftest import System, aos, make_system
 
 pytestmark = pytest.mark.integration
 
@@ -124,25 +121,6 @@ async def ledger_caught_up(nc: Client, system: System) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the ledger did not catch up with the goals")
-
-
-def aos(system: System, *args: str, bearer: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "AOS_NATS_URL": system.nats_url,
-        "AOS_NAMESPACE": system.namespace,
-        "AOS_TRACER_URL": system.tracer.url,
-    }
-    env.pop("AOS_TOKEN", None)
-    if bearer:
-        env["AOS_TOKEN"] = bearer
-    return subprocess.run(
-        [sys.executable, "-m", "aos_cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_goals_need_a_valid_token_of_their_tenant_with_the_submit_role(
