@@ -49,10 +49,9 @@ class Unmetered:
     for tests, and for backends that cost nothing."""
 
     spent_cents: int = 0
-    calls: int = 0
 
     async def before_call(self, worst_case_cents: int, model: str | None) -> None:
-        self.calls += 1
+        return None
 
     async def after_call(
         self,

@@ -70,10 +70,6 @@ class LedgerMeter:
         return self._spent
 
     @property
-    def calls(self) -> int:
-        return self._calls
-
-    @property
     def published_first(self) -> bool:
         return not self._publish_first
 

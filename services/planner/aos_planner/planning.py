@@ -82,13 +82,6 @@ def validation_problems(plan: Plan, limits: PlanLimits = DEFAULT_PLAN_LIMITS) ->
     )
 
 
-def budget_problem(plan: Plan, budget_cents: int) -> str | None:
-    estimate = estimate_cents(plan)
-    if estimate > budget_cents:
-        return f"plan is estimated at {estimate} cents, above the budget of {budget_cents}"
-    return None
-
-
 Validate = Callable[[Plan], list[str]]
 
 
@@ -134,12 +127,13 @@ async def plan_goal(
     problems = validate(plan)
     if problems:
         return refused(problems, FailureCode.PLAN_INVALID)
-    over_budget = _over_budget(plan, goal, meter.spent_cents)
+    estimate = estimate_cents(plan)
+    over_budget = _over_budget(estimate, goal, meter.spent_cents)
     if over_budget is None:
-        return Planned(plan, estimate_cents(plan), meter.spent_cents)
+        return Planned(plan, estimate, meter.spent_cents)
     if not goal.replan_within_budget or recorded is not None:
         return refused([over_budget], FailureCode.BUDGET_EXCEEDED)
-    first = OverBudget(plan, estimate_cents(plan), goal.budget_cents - meter.spent_cents)
+    first = OverBudget(plan, estimate, goal.budget_cents - meter.spent_cents)
     try:
         plan = await planner.make_plan(goal, meter, over_budget=first)
     except PlanningFailed as exc:
@@ -150,23 +144,24 @@ async def plan_goal(
             [over_budget, "the plan asked for within the budget is invalid:", *problems],
             FailureCode.PLAN_INVALID,
         )
-    still_over = _over_budget(plan, goal, meter.spent_cents)
+    estimate = estimate_cents(plan)
+    still_over = _over_budget(estimate, goal, meter.spent_cents)
     if still_over is not None:
         return refused(
             [over_budget, f"asked again within the budget: {still_over}"],
             FailureCode.BUDGET_EXCEEDED,
         )
-    return Planned(plan, estimate_cents(plan), meter.spent_cents, replanned=True)
+    return Planned(plan, estimate, meter.spent_cents, replanned=True)
 
 
-def _over_budget(plan: Plan, goal: GoalSubmitted, planning_cents: int) -> str | None:
-    """Why the plan does not fit what the run has left after planning; None if it does."""
-    if planning_cents == 0:
-        return budget_problem(plan, goal.budget_cents)
+def _over_budget(estimate: int, goal: GoalSubmitted, planning_cents: int) -> str | None:
+    """Why a plan estimated at `estimate` cents does not fit what the run has left after
+    planning; None if it does."""
     remaining = goal.budget_cents - planning_cents
-    estimate = estimate_cents(plan)
     if estimate <= remaining:
         return None
+    if planning_cents == 0:
+        return f"plan is estimated at {estimate} cents, above the budget of {goal.budget_cents}"
     return (
         f"plan is estimated at {estimate} cents, above the {remaining} cents left of the "
         f"budget of {goal.budget_cents} after planning cost {planning_cents}"

@@ -321,11 +321,8 @@ class RunWatch:
         own consumers park it."""
         deadline = time.monotonic() + timeout_s
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no awaited event on {self._sub.subject} in {timeout_s} s")
             try:
-                msg = await self._sub.next_msg(timeout=left)
+                msg = await self._sub.next_msg(timeout=max(0.0, deadline - time.monotonic()))
             except nats.errors.TimeoutError as exc:
                 raise TimeoutError(
                     f"no awaited event on {self._sub.subject} in {timeout_s} s"
