@@ -25,6 +25,21 @@ class FailureCode(StrEnum):
     FORBIDDEN = "FORBIDDEN"  # a valid token that may not do this (tenant, role)
     # a service AOS needs (the ledger, a model API) did not answer, however often asked
     DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"
+    # a step's call was cut off (the executor died mid-call) and its skill may not be
+    # called again without risking the effect twice
+    STEP_INTERRUPTED = "STEP_INTERRUPTED"
+    # the run did not end by its deadline; it was ended and its money released
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    # a goal, its inputs or a step's output is over its documented size limit
+    GOAL_TOO_LARGE = "GOAL_TOO_LARGE"
+    OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+    # an event that does not belong where it arrived: wrong stream, wrong tenant, or a
+    # run of another tenant (see docs/SECURITY.md)
+    EVENT_REFUSED = "EVENT_REFUSED"
+    # the tenant already submitted a goal with this idempotency key: see existing_run_id
+    DUPLICATE_GOAL = "DUPLICATE_GOAL"
+    # no run with that id for this tenant (unknown, or another tenant's)
+    RUN_NOT_FOUND = "RUN_NOT_FOUND"
 
 
 # Whether trying the same thing again may succeed. A retryable failure is retried by the
@@ -46,6 +61,13 @@ RETRYABLE: dict[FailureCode, bool] = {
     FailureCode.UNAUTHORIZED: False,
     FailureCode.FORBIDDEN: False,
     FailureCode.DEPENDENCY_UNAVAILABLE: True,
+    FailureCode.STEP_INTERRUPTED: False,
+    FailureCode.DEADLINE_EXCEEDED: False,
+    FailureCode.GOAL_TOO_LARGE: False,
+    FailureCode.OUTPUT_TOO_LARGE: False,
+    FailureCode.EVENT_REFUSED: False,
+    FailureCode.DUPLICATE_GOAL: False,
+    FailureCode.RUN_NOT_FOUND: False,
 }
 
 
