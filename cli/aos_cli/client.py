@@ -28,14 +28,14 @@ from aos_contracts.events import (
     AnyEvent,
     EventEnvelope,
     GoalSubmitted,
+    RequestRefused,
     RunCancelRequested,
-    derive_event_id,
 )
+from aos_contracts.failures import FailureCode
 from aos_contracts.subjects import goal_subject, run_subject, stream_name
 
-# Idempotency keys map to run ids in their own uuid5 namespace, per tenant: the same key
-# resubmitted by the same tenant names the same run and carries the same Nats-Msg-Id.
-_IDEMPOTENCY_NAMESPACE = uuid.UUID("0b6c3c1e-8f7e-4f57-9b7a-5d1f2a8c4e21")
+# The planner's first answer to a goal: the run is accepted, or the goal refused.
+_VERDICTS = frozenset({"run.accepted", "plan.created", "plan.rejected", "request.refused"})
 
 
 def redact(url: str) -> str:
@@ -60,12 +60,13 @@ def build_goal(
     replan_within_budget: bool = False,
     reuse_plan_of: uuid.UUID | None = None,
 ) -> GoalSubmitted:
-    ids: dict[str, uuid.UUID] = {}
-    if idempotency_key:
-        run_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{tenant}/{idempotency_key}")
-        ids = {"run_id": run_id, "event_id": derive_event_id(run_id, "goal.submitted")}
-    else:
-        ids = {"run_id": uuid.uuid4()}
+    """A goal with a fresh, random run id and event id, even with an idempotency key.
+
+    Ids nobody else can compute: a run id or Nats-Msg-Id derived from the key could be
+    published first by another tenant, taking the run or making JetStream drop this goal
+    as a duplicate. The key travels in the goal instead, and the planner keeps one run
+    per tenant and key: a second goal with the key is answered with DUPLICATE_GOAL and
+    the first run's id (docs/SECURITY.md)."""
     try:
         return GoalSubmitted(
             tenant=tenant,
@@ -75,7 +76,7 @@ def build_goal(
             idempotency_key=idempotency_key,
             replan_within_budget=replan_within_budget,
             reuse_plan_of=reuse_plan_of,
-            **ids,
+            run_id=uuid.uuid4(),
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -110,19 +111,28 @@ async def connect(url: str) -> NatsClient:
 @dataclass(frozen=True)
 class Submission:
     goal: GoalSubmitted
-    duplicate: bool  # JetStream already had this Nats-Msg-Id: no second run started
+    run_id: uuid.UUID  # the goal's run, or the earlier run its idempotency key names
+    duplicate: bool  # the tenant used this idempotency key before: no second run started
     terminal: AnyEvent | None = None  # the run's last event, when waited for
 
 
 class RunWatcher:
-    """A core NATS subscription to every event of one run, made before the goal is
-    published so the terminal event cannot slip past in between."""
+    """A core NATS subscription to every event of one run on its tenant's subjects, made
+    before the request is published so no answer can slip past in between."""
 
-    def __init__(self, nc: NatsClient, namespace: str, goal: EventEnvelope) -> None:
+    def __init__(self, nc: NatsClient, namespace: str, tenant: str, run_id: uuid.UUID) -> None:
         self.nc = nc
-        self.subject = f"{namespace}.*.{goal.tenant}.{goal.run_id}"
+        self.subject = f"{namespace}.*.{tenant}.{run_id}"
         self.terminal: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
+        self.verdict: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
+        self.refusals: dict[uuid.UUID, asyncio.Future[RequestRefused]] = {}
         self.events: list[AnyEvent] = []
+
+    def refusal_of(self, request: EventEnvelope) -> asyncio.Future[RequestRefused]:
+        """Resolved if the planner refuses `request` (call before publishing it)."""
+        return self.refusals.setdefault(
+            request.event_id, asyncio.get_running_loop().create_future()
+        )
 
     async def __aenter__(self) -> RunWatcher:
         self._sub = await self.nc.subscribe(self.subject, cb=self._on_msg)
@@ -138,8 +148,15 @@ class RunWatcher:
         except EventDecodeError:
             return  # parked by the services; not ours to judge here
         self.events.append(event)
-        if str(event.type) in TERMINAL_RUN_EVENTS and not self.terminal.done():
+        kind = str(event.type)
+        if kind in _VERDICTS and not self.verdict.done():
+            self.verdict.set_result(event)
+        if kind in TERMINAL_RUN_EVENTS and not self.terminal.done():
             self.terminal.set_result(event)
+        if isinstance(event, RequestRefused):
+            refused = self.refusals.get(event.request_event_id)
+            if refused is not None and not refused.done():
+                refused.set_result(event)
 
 
 def _headers(event: EventEnvelope, token: str | None) -> dict[str, str]:
@@ -169,21 +186,61 @@ async def publish_goal(
     return bool(ack.duplicate)
 
 
-async def finished_event(nc: NatsClient, namespace: str, goal: EventEnvelope) -> AnyEvent | None:
-    """The run's terminal event if it is already in the log (a resubmitted goal)."""
+async def last_event(
+    nc: NatsClient, namespace: str, context: str, tenant: str, run_id: uuid.UUID
+) -> AnyEvent | None:
+    """The last event of a run on its tenant's subject of one stream, from the log.
+
+    A direct get by subject: NATS permissions can confine it to the tenant's own
+    subjects (`$JS.API.DIRECT.GET.<stream>.<namespace>.<context>.<tenant>.>`)."""
     try:
         msg = await nc.jetstream().get_last_msg(
-            stream_name("runs", namespace), run_subject("runs", goal.tenant, goal.run_id, namespace)
+            stream_name(context, namespace),
+            run_subject(context, tenant, run_id, namespace),
+            direct=True,
         )
     except (NotFoundError, nats.errors.Error):
         return None
-    if msg.data is None:
-        return None
     try:
-        event = decode_event(msg.data)
+        return decode_event(msg.data or b"")
     except EventDecodeError:
         return None
-    return event if str(event.type) in TERMINAL_RUN_EVENTS else None
+
+
+async def finished_event(
+    nc: NatsClient, namespace: str, tenant: str, run_id: uuid.UUID
+) -> AnyEvent | None:
+    """The run's terminal event if it is already in the log."""
+    event = await last_event(nc, namespace, "runs", tenant, run_id)
+    return event if event is not None and str(event.type) in TERMINAL_RUN_EVENTS else None
+
+
+async def follow_run(
+    nc: NatsClient, namespace: str, tenant: str, run_id: uuid.UUID, wait_s: float
+) -> AnyEvent:
+    """The run's terminal event: from the log if it has ended, else when it comes."""
+    async with RunWatcher(nc, namespace, tenant, run_id) as watcher:
+        done = await finished_event(nc, namespace, tenant, run_id)
+        if done is not None:
+            return done
+        try:
+            return await asyncio.wait_for(watcher.terminal, wait_s)
+        except TimeoutError as exc:
+            raise RunTimeout(
+                f"run {run_id} did not finish within {wait_s:g}s (see `aos run show {run_id}`)"
+            ) from exc
+
+
+class RunTimeout(UserError):
+    """Waited for a run's end as long as asked: the run did not complete (yet)."""
+
+
+class Refused(UserError):
+    """The planner refused a goal or cancel; the message says why."""
+
+    def __init__(self, refusal: RequestRefused) -> None:
+        super().__init__(f"refused ({refusal.error.code.value}): {refusal.error.message}")
+        self.refusal = refusal
 
 
 async def submit_goal(
@@ -195,27 +252,47 @@ async def submit_goal(
     wait_s: float = 60.0,
     token: str | None = None,
 ) -> Submission:
+    """Publish the goal; with `wait`, until its run ends. A goal with an idempotency key
+    waits for the planner's verdict either way: the run it names may be an earlier one."""
     nc = await connect(nats_url)
     try:
-        if not wait:
-            duplicate = await publish_goal(nc, namespace, goal, token)
-            return Submission(goal, duplicate)
-        async with RunWatcher(nc, namespace, goal) as watcher:
-            duplicate = await publish_goal(nc, namespace, goal, token)
-            if goal.idempotency_key:
-                done = await finished_event(nc, namespace, goal)
-                if done is not None:
-                    return Submission(goal, duplicate, done)
+        async with RunWatcher(nc, namespace, goal.tenant, goal.run_id) as watcher:
+            refused = watcher.refusal_of(goal)
+            await publish_goal(nc, namespace, goal, token)
+            if goal.idempotency_key is None and not wait:
+                return Submission(goal, goal.run_id, duplicate=False)
+            # Waiting: for the run's end. Not waiting, with a key: for the planner's verdict.
+            awaited = watcher.terminal if wait else watcher.verdict
             try:
-                terminal = await asyncio.wait_for(watcher.terminal, wait_s)
+                first = await asyncio.wait_for(_first(refused, awaited), wait_s)
             except TimeoutError as exc:
-                raise UserError(
-                    f"run {goal.run_id} did not finish within {wait_s:g}s "
-                    f"(see `aos run show {goal.run_id}`)"
+                raise RunTimeout(
+                    f"run {goal.run_id} did not {'finish' if wait else 'get a verdict'} within "
+                    f"{wait_s:g}s (see `aos run show {goal.run_id}`)"
                 ) from exc
-            return Submission(goal, duplicate, terminal)
+            if not isinstance(first, RequestRefused):
+                return Submission(goal, goal.run_id, False, first if wait else None)
+            if first.error.code is not FailureCode.DUPLICATE_GOAL or not first.existing_run_id:
+                raise Refused(first)
+            earlier = first.existing_run_id
+            terminal = (
+                await follow_run(nc, namespace, goal.tenant, earlier, wait_s) if wait else None
+            )
+            return Submission(goal, earlier, duplicate=True, terminal=terminal)
     finally:
         await nc.close()
+
+
+async def _first(
+    refused: asyncio.Future[RequestRefused], *others: asyncio.Future[AnyEvent]
+) -> AnyEvent:
+    """The refusal if there is one, else the first of the other answers."""
+    futures: list[asyncio.Future[Any]] = [refused, *others]
+    done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    if refused in done:
+        return refused.result()
+    result: AnyEvent = next(iter(done)).result()
+    return result
 
 
 async def cancel_run(
@@ -228,11 +305,23 @@ async def cancel_run(
     token: str | None = None,
 ) -> AnyEvent | None:
     """Ask the executor to cancel a run; with `wait`, the run's terminal event (which is
-    not run.cancelled when the run had already ended)."""
+    not run.cancelled when the run had already ended).
+
+    A run the tenant does not have (unknown, or another tenant's) is refused before
+    anything is published, from the tenant's own subjects in the log; one the log cannot
+    tell yet (a goal the planner has not answered) is refused by the planner, which
+    `wait` waits for."""
     nc = await connect(nats_url)
     try:
-        async with RunWatcher(nc, namespace, request) as watcher:
-            done = await finished_event(nc, namespace, request)
+        async with RunWatcher(nc, namespace, request.tenant, request.run_id) as watcher:
+            refused = watcher.refusal_of(request)
+            standing = await run_standing(nc, namespace, request.tenant, request.run_id)
+            if standing == "unknown":
+                raise UserError(
+                    f"refused ({FailureCode.RUN_NOT_FOUND.value}): tenant {request.tenant!r} "
+                    f"has no run {request.run_id}: nothing to cancel"
+                )
+            done = await finished_event(nc, namespace, request.tenant, request.run_id)
             if done is not None:
                 return done
             subject = goal_subject(request.tenant, request.run_id, namespace)
@@ -245,11 +334,26 @@ async def cancel_run(
             if not wait:
                 return None
             try:
-                return await asyncio.wait_for(watcher.terminal, wait_s)
+                end = await asyncio.wait_for(_first(refused, watcher.terminal), wait_s)
             except TimeoutError as exc:
-                raise UserError(f"run {request.run_id} did not end within {wait_s:g}s") from exc
+                raise RunTimeout(f"run {request.run_id} did not end within {wait_s:g}s") from exc
+            if isinstance(end, RequestRefused):  # a mistaken run id, like the check above
+                raise UserError(f"refused ({end.error.code.value}): {end.error.message}")
+            return end
     finally:
         await nc.close()
+
+
+async def run_standing(nc: NatsClient, namespace: str, tenant: str, run_id: uuid.UUID) -> str:
+    """What the log says of a tenant's run: "owned" (the planner answered its goal),
+    "pending" (its goal awaits the planner) or "unknown" (no goal, or a refused one)."""
+    answer = await last_event(nc, namespace, "plans", tenant, run_id)
+    if isinstance(answer, RequestRefused):
+        return "owned" if answer.ends_run else "unknown"
+    if answer is not None:
+        return "owned"
+    goal = await last_event(nc, namespace, "goals", tenant, run_id)
+    return "pending" if goal is not None else "unknown"
 
 
 # --- the tracer's HTTP API --------------------------------------------------------------

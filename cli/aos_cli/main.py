@@ -26,6 +26,8 @@ from typing import Any, NoReturn
 
 from aos_cli import doctor, stubs, up
 from aos_cli.client import (
+    Refused,
+    RunTimeout,
     build_goal,
     cancel_run,
     get_golden,
@@ -304,7 +306,7 @@ def cmd_goal_submit(args: argparse.Namespace) -> int:
             print(
                 json.dumps(
                     {
-                        "run_id": str(goal.run_id),
+                        "run_id": str(submission.run_id),
                         "tenant": goal.tenant,
                         "event_id": str(goal.event_id),
                         "duplicate": submission.duplicate,
@@ -312,7 +314,7 @@ def cmd_goal_submit(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            print(goal.run_id)
+            print(submission.run_id)
             if submission.duplicate:
                 print("(already submitted with this idempotency key)", file=sys.stderr)
         return EXIT_OK
@@ -459,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
+    except (RunTimeout, Refused) as exc:  # the run did not (or will not) complete
+        print(f"aos: {exc}", file=sys.stderr)
+        return EXIT_RUN_NOT_COMPLETED
     except UserError as exc:
         print(f"aos: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

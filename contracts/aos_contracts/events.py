@@ -1,8 +1,9 @@
 """The typed events of the AOS bus.
 
 Every event shares one envelope (`EventEnvelope`) and is told apart by its `type`
-field; `AnyEvent` is the discriminated union of them all and `parse_event` is the one
-way in from bytes (upcasting old schema versions first).
+field; `AnyEvent` is the discriminated union of them all and the one
+way in from bytes is `aos_contracts.codec.decode_event` (upcasting old schema versions
+first).
 
 Events are facts, named in the past tense, except the two requests that cross a
 service boundary (`run.cancel_requested`, `budget.reservation_requested`): they are
@@ -199,6 +200,9 @@ class PlanCreated(EventEnvelope):
     replanned: bool = Field(
         default=False, description="the first plan was above the budget; this is the second"
     )
+    idempotency_key: str | None = Field(
+        default=None, description="the goal's idempotency key, so a rebuilt planner knows it"
+    )
     reused_plan_of: uuid.UUID | None = Field(
         default=None, description="the earlier run whose recorded plan this is"
     )
@@ -209,6 +213,31 @@ class PlanRejected(EventEnvelope):
     reasons: list[str]
     code: FailureCode = FailureCode.PLAN_INVALID
     planning_cost_cents: Annotated[int, Field(ge=0)] = 0
+    idempotency_key: str | None = Field(
+        default=None, description="the goal's idempotency key, so a rebuilt planner knows it"
+    )
+
+
+class RequestRefused(EventEnvelope):
+    """The planner's answer to a goal or cancel it will not act on, published on the
+    *sender's* subjects (`aos.plans.<sender tenant>.<run_id>`), so the sender hears why
+    instead of nothing. It is not part of any run unless `ends_run` says so."""
+
+    type: Literal["request.refused"] = "request.refused"
+    request_type: Literal["goal.submitted", "run.cancel_requested"]
+    request_event_id: uuid.UUID = Field(description="event_id of the refused goal or cancel")
+    error: Failure
+    existing_run_id: uuid.UUID | None = Field(
+        default=None,
+        description="for DUPLICATE_GOAL: the run the tenant's earlier goal with this "
+        "idempotency key started",
+    )
+    ends_run: bool = Field(
+        default=False,
+        description="true when the refused goal's run id is the sender's own and will never "
+        "run (a duplicate goal): the run ends here. False when the run id is unknown or "
+        "another tenant's: the refusal is an answer to the sender only",
+    )
 
 
 # --- executor ---------------------------------------------------------------------------
@@ -355,6 +384,7 @@ AnyEvent = Annotated[
     | RunAccepted
     | PlanCreated
     | PlanRejected
+    | RequestRefused
     | PlanningReservationRequested
     | PlanningCallFinished
     | BudgetReservationRequested
@@ -382,6 +412,7 @@ EVENT_TYPES: dict[str, type[EventEnvelope]] = {
         RunAccepted,
         PlanCreated,
         PlanRejected,
+        RequestRefused,
         PlanningReservationRequested,
         PlanningCallFinished,
         BudgetReservationRequested,

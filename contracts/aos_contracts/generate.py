@@ -19,11 +19,12 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 # Who writes each context: the AsyncAPI document says so, and so do NATS permissions.
 WRITERS = {"goals": "users", "plans": "planner", "runs": "executor", "budget": "ledger"}
+# Who consumes each stream (the services' declared consumers and run watches).
 READERS = {
     "goals": ["planner", "ledger", "executor", "tracer"],
-    "plans": ["executor", "tracer"],
-    "runs": ["ledger", "tracer"],
-    "budget": ["executor", "tracer"],
+    "plans": ["executor", "ledger", "tracer", "users (their own runs' answers)"],
+    "runs": ["ledger", "tracer", "users (their own runs)"],
+    "budget": ["executor", "planner", "tracer"],
 }
 
 

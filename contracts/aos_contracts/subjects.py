@@ -26,6 +26,7 @@ CONTEXT_OF_TYPE: dict[str, Context] = {
     "run.accepted": "plans",
     "plan.created": "plans",
     "plan.rejected": "plans",
+    "request.refused": "plans",
     "planning.reservation_requested": "plans",
     "planning.call_finished": "plans",
     # executor
@@ -43,6 +44,10 @@ CONTEXT_OF_TYPE: dict[str, Context] = {
     "budget.committed": "budget",
     "budget.released": "budget",
 }
+
+# What a tenant may publish (on its own goals subjects). Every other type is a service's,
+# and counts only on its owner's stream.
+TENANT_TYPES = frozenset({"goal.submitted", "run.cancel_requested"})
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -87,3 +92,30 @@ def goal_subject(tenant: str, run_id: uuid.UUID | str, namespace: str = DEFAULT_
 def run_id_of_subject(subject: str) -> str:
     """The aggregate id (last token) of a run subject."""
     return subject.rsplit(".", 1)[-1]
+
+
+def misplacement(subject: str, event_type: str, tenant: str, run_id: object) -> str | None:
+    """Why an event may not count where it arrived; None when it may.
+
+    The trust boundary of the bus (docs/SECURITY.md): an event counts only on the stream
+    of the context that owns its type, and only when the subject's tenant and run are the
+    payload's. NATS permissions decide who may publish on which subjects; this decides
+    what a message on those subjects may say, so a tenant allowed to publish goals on its
+    own subjects cannot pass a plan, a budget decision or another tenant's goal through
+    them. Every consumer checks every event with this, live and when rebuilding."""
+    parts = subject.split(".")
+    if len(parts) != 4:
+        return f"{event_type} arrived on {subject!r}, which is not a run subject"
+    _, context, subject_tenant, subject_run = parts
+    owner = CONTEXT_OF_TYPE.get(event_type)
+    if owner != context:
+        owned = f"the {owner} stream's" if owner else "no stream's"
+        return f"{event_type} is {owned}, but arrived on {subject} (the {context} stream)"
+    if subject_tenant != tenant:
+        return (
+            f"{event_type} for tenant {tenant!r} arrived on a subject of tenant "
+            f"{subject_tenant!r}: {subject}"
+        )
+    if subject_run != str(run_id):
+        return f"{event_type} for run {run_id} arrived on another run's subject {subject}"
+    return None

@@ -20,6 +20,7 @@ from aos_contracts import (
     encode_event,
 )
 from aos_contracts.events import EventEnvelope
+from aos_contracts.subjects import run_subject
 from aos_executor.checkpoints import (
     Book,
     Checkpoint,
@@ -77,15 +78,17 @@ def run_history(steps: int = 3) -> list[tuple[str, EventEnvelope]]:
 
 
 def reader(history: list[tuple[str, EventEnvelope]]) -> ReadLog:
-    by_context: dict[str, list[tuple[int, bytes]]] = {}
+    """The log of `history`, each event on its run's subject in the given context."""
+    by_context: dict[str, list[tuple[int, str, bytes]]] = {}
     for context, event in history:
         log = by_context.setdefault(context, [])
-        log.append((len(log) + 1, encode_event(event)))
+        subject = run_subject(context, event.tenant, event.run_id)
+        log.append((len(log) + 1, subject, encode_event(event)))
 
-    async def read(context: str, start: int) -> AsyncIterator[tuple[int, bytes]]:
-        for seq, data in by_context.get(context, []):
+    async def read(context: str, start: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        for seq, subject, data in by_context.get(context, []):
             if seq >= start:
-                yield seq, data
+                yield seq, subject, data
 
     return read
 
@@ -148,3 +151,27 @@ def test_a_run_belongs_to_the_tenant_of_its_plan() -> None:
     assert book.fold(RunCancelRequested(run_id=created.run_id, tenant="mallory")) is None
     own = book.fold(RunCancelRequested(run_id=created.run_id, tenant="acme", reason="mine"))
     assert own is not None and own.cancel_reason == "mine"
+
+
+async def test_a_rebuild_skips_events_that_arrived_where_they_may_not_count() -> None:
+    """A plan forged onto the goals stream, or onto another tenant's subject, is parked
+    by the live consumers; the rebuild must not fold it either."""
+    history = run_history()
+    created = history[0][1]
+    assert isinstance(created, PlanCreated)
+    forged_run = uuid.uuid4()
+    forged = created.model_copy(update={"run_id": forged_run, "event_id": uuid.uuid4()})
+    read = reader(history)
+
+    async def with_forgeries(context: str, start: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        async for item in read(context, start):
+            yield item
+        if context == "goals":  # a tenant may publish here, but not plans
+            yield 1, run_subject("goals", "acme", forged_run), encode_event(forged)
+        if context == "plans":  # the right stream, another tenant's subject
+            yield 99, run_subject("plans", "globex", forged_run), encode_event(forged)
+
+    checkpoint = Checkpoint()
+    await fold_log(checkpoint, with_forgeries)
+    assert forged_run not in checkpoint.book.runs
+    assert set(checkpoint.book.runs) == {created.run_id}

@@ -9,7 +9,7 @@ import pytest
 
 from aos_cli.embedded import InfraUrls
 from tests.support.golden import golden  # noqa: F401  (the fixture, for this folder)
-from tests.system.conftest import System, make_system
+from tests.system.conftest import System, make_system, running
 
 
 @pytest.fixture
@@ -25,10 +25,5 @@ def golden_system(
         log_dir,
         {"AOS_HTTP_BACKEND": "stub", "DISABLE_EXTERNAL_CALLS": "true", "ANTHROPIC_API_KEY": ""},
     )
-    try:
-        for service in services.all:
-            service.start()
+    with running(services):
         yield services
-    finally:
-        for service in services.all:
-            service.stop()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,9 @@ def make_system(
     )
 
 
-@pytest.fixture
-def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
-    services = make_system(infra, namespace, database, log_dir)
+@contextmanager
+def running(services: System) -> Iterator[System]:
+    """The services started, and stopped however the block ends."""
     try:
         for service in services.all:
             service.start()
@@ -107,3 +108,9 @@ def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> It
     finally:
         for service in services.all:
             service.stop()
+
+
+@pytest.fixture
+def system(infra: InfraUrls, namespace: str, database: str, log_dir: Path) -> Iterator[System]:
+    with running(make_system(infra, namespace, database, log_dir)) as services:
+        yield services

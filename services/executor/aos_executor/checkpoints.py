@@ -21,11 +21,12 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from aos_contracts.codec import EventDecodeError, decode_event
+from aos_contracts.codec import EventDecodeError
 from aos_contracts.events import AnyEvent, PlanCreated, PlanRejected, RunCancelRequested
 from aos_contracts.failures import Failure
 from aos_contracts.plans import Plan, PlanStep
 from aos_executor.runs import RunState, StepState, StepStatus
+from aos_plumbing.bus import decode_placed
 
 CONTEXTS = ("plans", "runs", "budget", "goals")
 
@@ -75,19 +76,20 @@ class Checkpoint:
     book: Book = field(default_factory=Book)
 
 
-ReadLog = Callable[[str, int], AsyncIterator[tuple[int, bytes]]]
+# (context, first seq) -> (seq, subject, data) of every message from there on
+ReadLog = Callable[[str, int], AsyncIterator[tuple[int, str, bytes]]]
 
 
 async def fold_log(checkpoint: Checkpoint, read: ReadLog) -> int:
     """Fold every event after the checkpoint's sequences into it; returns how many."""
     count = 0
     for context in CONTEXTS:
-        async for seq, data in read(context, checkpoint.seqs.get(context, 0) + 1):
+        async for seq, subject, data in read(context, checkpoint.seqs.get(context, 0) + 1):
             checkpoint.seqs[context] = seq
             try:
-                event = decode_event(data)
+                event = decode_placed(subject, data)
             except EventDecodeError:
-                continue  # the live consumer parks it, with its reason
+                continue  # the live consumer parks it (undecodable or misplaced), with why
             count += 1
             checkpoint.book.fold(event)
     checkpoint.book.finish_terminal()

@@ -239,12 +239,14 @@ class ExecutorService:
         )
         ACTIVE_RUNS.set(len(self.runs))
 
-    async def _read_log(self, context: str, start_seq: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def _read_log(
+        self, context: str, start_seq: int
+    ) -> AsyncIterator[tuple[int, str, bytes]]:
         assert self.bus is not None
         async for seq, msg in self.bus.replay(context, start_seq=start_seq):
             if context == "goals" and is_refused_cancel(self.auth, msg):
                 continue  # parked when it arrived; never applied
-            yield seq, msg.data
+            yield seq, msg.subject, msg.data
 
     async def _checkpoint_periodically(self) -> None:
         """Fold the log since the last checkpoint into a new one, from the store's copy

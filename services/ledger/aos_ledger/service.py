@@ -30,10 +30,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from aiohttp import web
-from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 
-from aos_contracts.codec import EventDecodeError, decode_event
+from aos_contracts.codec import EventDecodeError
 from aos_contracts.events import (
     PLANNING_STEP_ID,
     BudgetCommitted,
@@ -56,7 +55,6 @@ from aos_contracts.events import (
     type_names,
 )
 from aos_contracts.failures import Failure, FailureCode
-from aos_contracts.subjects import goal_subject
 from aos_ledger.settings import LedgerSettings
 from aos_ledger.store import (
     BudgetNotOpen,
@@ -71,13 +69,10 @@ from aos_ledger.store import (
 from aos_plumbing import metrics
 from aos_plumbing.auth import (
     ROLE_READ,
-    ROLE_SUBMIT,
     Authenticator,
     AuthError,
-    bearer_token,
-    message_time,
 )
-from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
+from aos_plumbing.bus import Delivery, EventBus, LogConsumer, decode_placed, per_run
 from aos_plumbing.http import ServiceHttp
 
 log = logging.getLogger(__name__)
@@ -253,9 +248,9 @@ class LedgerService:
             async for seq, msg in self.bus.replay("budget", start_seq=start):
                 last = seq
                 try:
-                    pending.append(decode_event(msg.data))
+                    pending.append(decode_placed(msg.subject, msg.data))
                 except EventDecodeError:
-                    continue  # not ours to fix: the live consumers park what cannot decode
+                    continue  # the live consumers park what cannot decode or is misplaced
                 if len(pending) >= REPLAY_BATCH:
                     changed += await self.store.replay(pending)
                     pending = []
@@ -289,32 +284,18 @@ class LedgerService:
         A reservation request can reach the ledger before the goal does (the goals
         consumer lags, or is stuck behind a long batch). Denying would fail a step that
         was within budget, and redelivery with backoff gives up after a few tries, so
-        the ledger reads the goal itself: the first goal.submitted on the run's subject is
-        the one the goals consumer will also find, so both open the same cap. With no goal
-        in the log this raises BudgetNotOpen and the request is retried, then parked."""
+        the ledger reads the goal itself: the run's owning goal (`EventBus.run_owner`, the
+        first admitted goal for the run id, whichever tenant sent it) is the one the goals
+        consumer also opens first, so both open the same cap for the same tenant. With no
+        goal in the log this raises BudgetNotOpen and the request is retried, then parked."""
         assert self.bus is not None
-        stream = self.bus.stream("goals")
-        subject = goal_subject(cause.tenant, cause.run_id, self.bus.namespace)
-        seq = 1
-        while True:
-            try:
-                raw = await self.bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
-            except NotFoundError as exc:
-                raise BudgetNotOpen(f"run {cause.run_id}: no goal.submitted in the log") from exc
-            try:
-                event = decode_event(raw.data or b"")
-            except EventDecodeError:
-                event = None
-            if isinstance(event, GoalSubmitted) and self.goal_allowed(event, raw):
-                log.info(
-                    "run %s: budget opened from the goals stream ahead of its consumer",
-                    cause.run_id,
-                )
-                # Published here, not returned: the request that led here is decided
-                # next, against the budget this opens.
-                await self._publish(await self.open_budget(event))
-                return
-            seq = (raw.seq or seq) + 1
+        goal = await self.bus.run_owner(cause.run_id, self.goal_allowed)
+        if goal is None:
+            raise BudgetNotOpen(f"run {cause.run_id}: no goal.submitted in the log")
+        log.info("run %s: budget opened from the goals stream ahead of its consumer", cause.run_id)
+        # Published here, not returned: the request that led here is decided next,
+        # against the budget this opens.
+        await self._publish(await self.open_budget(goal))
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -332,19 +313,10 @@ class LedgerService:
         """Whether the goal's token lets it open a budget: the planner's judgement of the
         same token at the same log time, so a goal the planner refused never gets a budget
         (and nothing can be reserved or spent against it)."""
-        if not self.auth.enabled:
+        if self.auth.admits_goal(goal.tenant, msg):
             return True
-        try:
-            self.auth.authorize(
-                bearer_token(getattr(msg, "headers", None)),
-                tenant=goal.tenant,
-                role=ROLE_SUBMIT,
-                at=message_time(msg),
-            )
-        except AuthError as exc:
-            log.warning("run %s: no budget for a refused goal: %s", goal.run_id, exc.reason)
-            return False
-        return True
+        log.warning("run %s: no budget for a goal its token does not allow", goal.run_id)
+        return False
 
     async def handle_run(self, delivery: Delivery) -> list[EventEnvelope]:
         event = delivery.event

@@ -191,6 +191,7 @@ def decision_event(
             reasons=outcome.reasons,
             code=outcome.code,
             planning_cost_cents=outcome.planning_cost_cents,
+            idempotency_key=goal.idempotency_key,
         )
     return goal.caused(
         PlanCreated,
@@ -202,6 +203,7 @@ def decision_event(
         planning_cost_cents=outcome.planning_cost_cents,
         replanned=outcome.replanned,
         reused_plan_of=reused_plan_of,
+        idempotency_key=goal.idempotency_key,
     )
 
 

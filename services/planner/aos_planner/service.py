@@ -1,5 +1,10 @@
 """The planner service: goal.submitted in, run.accepted + plan.created/plan.rejected out.
 
+It is also the gate of the tenants' door (docs/SECURITY.md): a run id belongs to the
+tenant of its first admitted goal (`EventBus.run_owner`), an idempotency key names one
+run per tenant, and a goal or cancel that names another tenant's run, an unknown run or
+a used key is answered with request.refused on the sender's own subjects.
+
 State: its decisions, in its own store (Postgres; in memory without a database), caught
 up at start from its own stream, so a resubmitted goal never gets a second plan across
 restarts. A decision is recorded before it is published and marked published after: a
@@ -16,19 +21,21 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 
 from anthropic import AsyncAnthropic
 
-from aos_contracts.codec import EventDecodeError, decode_event
+from aos_contracts.codec import EventDecodeError
 from aos_contracts.events import (
     AnyEvent,
     EventEnvelope,
     GoalSubmitted,
     PlanRejected,
+    RequestRefused,
+    RunCancelRequested,
     type_names,
 )
-from aos_contracts.failures import FailureCode
+from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.plans import Plan
 from aos_planner.anthropic_planner import AnthropicPlanner
 from aos_planner.backend import Planner, Unmetered
@@ -45,21 +52,19 @@ from aos_planner.settings import PlannerSettings
 from aos_planner.store import DecisionStore, make_store
 from aos_planner.stub import StubPlanner
 from aos_plumbing import metrics
-from aos_plumbing.auth import (
-    ROLE_SUBMIT,
-    Authenticator,
-    AuthError,
-    Principal,
-    bearer_token,
-    message_time,
-)
-from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
+from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, Principal
+from aos_plumbing.bus import Delivery, EventBus, LogConsumer, decode_placed, per_run
 from aos_plumbing.http import ServiceHttp
 from aos_plumbing.reachability import AnthropicProbe
 
 log = logging.getLogger(__name__)
 
 PLANS = metrics.counter("aos_planner_decisions_total", "planner decisions", ("outcome", "backend"))
+REFUSALS = metrics.counter(
+    "aos_requests_refused_total",
+    "goals and cancels answered with request.refused, by request type and code",
+    ("request", "code"),
+)
 PLANNING_CENTS = metrics.counter(
     "aos_planning_cents_total", "what planning model calls cost, in cents", ("backend",)
 )
@@ -98,7 +103,8 @@ class PlannerService:
             "planner",
             per_run(self.handle),
             batch_size=self.settings.consumer_batch,
-            event_types=type_names(GoalSubmitted),  # cancellations are the executor's
+            # Cancels are the executor's to apply; the planner answers those it must refuse.
+            event_types=type_names(GoalSubmitted, RunCancelRequested),
             # A planning call can take a minute: goals that arrive meanwhile are planned
             # in the next batches instead of waiting for it.
             batches_in_flight=self.settings.batches_in_flight,
@@ -122,7 +128,7 @@ class PlannerService:
         changed = 0
         async for seq, msg in self.bus.replay("plans", start_seq=start):
             try:
-                batch.append((seq, decode_event(msg.data)))
+                batch.append((seq, decode_placed(msg.subject, msg.data)))
             except EventDecodeError:
                 continue  # parked by the consumers that read it
             if len(batch) >= CATCH_UP_BATCH:
@@ -140,22 +146,30 @@ class PlannerService:
         await self.store.close()
 
     async def handle(self, delivery: Delivery) -> None:
-        goal = delivery.event
-        if not isinstance(goal, GoalSubmitted):
-            return  # run.cancel_requested is the executor's business
+        event = delivery.event
+        if isinstance(event, RunCancelRequested):
+            async with self._run_locks.hold(event.run_id):
+                await self._answer_cancel(event)
+            return
+        if not isinstance(event, GoalSubmitted):
+            return
         # Batches are handled concurrently: one run's goals (a redelivery, a reused run
-        # id) are decided one at a time, so the second finds the first's decision.
-        async with self._run_locks.hold(goal.run_id):
-            await self._handle_goal(delivery, goal)
+        # id) are decided one at a time, so the second finds the first's decision; and so
+        # are one tenant's goals with one idempotency key (inside the run's lock: always
+        # taken in that order, so two goals cannot wait for each other).
+        async with contextlib.AsyncExitStack() as locks:
+            await locks.enter_async_context(self._run_locks.hold(event.run_id))
+            if event.idempotency_key is not None:
+                key = ("idempotency", event.tenant, event.idempotency_key)
+                await locks.enter_async_context(self._run_locks.hold(key))
+            await self._handle_goal(delivery, event)
 
     async def _handle_goal(self, delivery: Delivery, goal: GoalSubmitted) -> None:
         assert self.bus is not None
         recorded = await self.store.decision(goal.run_id)
         if recorded is not None:
             if recorded.tenant != goal.tenant:
-                # Another tenant's goal naming this run id: it must neither see nor change
-                # the run, so it gets no answer at all.
-                log.warning("run %s belongs to another tenant; goal ignored", goal.run_id)
+                await self._refuse_run_id(goal)
             elif recorded.published_seq is None:
                 # Decided before a crash, perhaps not published: publish what was decided
                 # (same ids, so the log keeps one copy), never decide again.
@@ -164,7 +178,29 @@ class PlannerService:
             else:
                 log.info("run %s already planned; goal redelivered or resubmitted", goal.run_id)
             return
+        owner = await self.bus.run_owner(goal.run_id, self._admits)
+        if owner is not None and owner.tenant != goal.tenant:
+            await self._refuse_run_id(goal)
+            return
+        if owner is not None and owner.event_id != goal.event_id:
+            # The tenant's own earlier goal for this run id is the run; it is (or will be)
+            # decided when it is handled, and this one must not decide it differently.
+            log.info("run %s: a later goal for it ignored; the first one decides", goal.run_id)
+            return
         refusal, principal = self._admit(delivery, goal)
+        if refusal is None and goal.idempotency_key is not None:
+            # After the token check: a used key names its run only to its own tenant.
+            earlier = await self.store.run_for_key(goal.tenant, goal.idempotency_key)
+            if earlier is not None and earlier != goal.run_id:
+                await self._refuse(
+                    goal,
+                    FailureCode.DUPLICATE_GOAL,
+                    f"tenant {goal.tenant!r} already submitted a goal with idempotency key "
+                    f"{goal.idempotency_key!r}: run {earlier}",
+                    existing_run_id=earlier,
+                    ends_run=True,
+                )
+                return
         if refusal is not None:
             events: list[EventEnvelope] = [refusal]
         else:
@@ -178,6 +214,66 @@ class PlannerService:
             if cost:
                 PLANNING_CENTS.labels(self.planner.name).inc(cost)
 
+    def _admits(self, goal: GoalSubmitted, msg: object) -> bool:
+        return self.auth.admits_goal(goal.tenant, msg)
+
+    async def _refuse_run_id(self, goal: GoalSubmitted) -> None:
+        """Another tenant's goal owns this run id. The sender learns only that the id is
+        not available (not whose it is), and the run learns nothing."""
+        log.warning(
+            "run %s belongs to another tenant; goal from %r refused", goal.run_id, goal.tenant
+        )
+        await self._refuse(
+            goal,
+            FailureCode.EVENT_REFUSED,
+            f"run id {goal.run_id} is not available: submit the goal with a new run id",
+        )
+
+    async def _answer_cancel(self, cancel: RunCancelRequested) -> None:
+        """Refuse a cancel that names no run of its tenant; the executor applies the rest.
+
+        The run is the sender's when its decision (or, before one, its owning goal in the
+        log) is the sender's. Another tenant's run is refused exactly like an unknown one,
+        so a cancel cannot probe which run ids exist."""
+        recorded = await self.store.decision(cancel.run_id)
+        if recorded is not None:
+            tenant: str | None = recorded.tenant
+        else:
+            assert self.bus is not None
+            owner = await self.bus.run_owner(cancel.run_id, self._admits)
+            tenant = owner.tenant if owner is not None else None
+        if tenant == cancel.tenant:
+            return
+        await self._refuse(
+            cancel,
+            FailureCode.RUN_NOT_FOUND,
+            f"tenant {cancel.tenant!r} has no run {cancel.run_id}: nothing to cancel",
+        )
+
+    async def _refuse(
+        self,
+        request: GoalSubmitted | RunCancelRequested,
+        code: FailureCode,
+        message: str,
+        *,
+        existing_run_id: uuid.UUID | None = None,
+        ends_run: bool = False,
+    ) -> None:
+        """Answer on the sender's subjects. Not recorded in the store: the same request
+        gets the same answer (and the same event id, so the log keeps one copy)."""
+        assert self.bus is not None
+        refused = request.caused(
+            RequestRefused,
+            "request.refused",
+            request_type=request.type,
+            request_event_id=request.event_id,
+            error=Failure.of(code, message),
+            existing_run_id=existing_run_id,
+            ends_run=ends_run,
+        )
+        await self.bus.publish(refused)
+        REFUSALS.labels(request.type, code.value).inc()
+
     def _admit(
         self, delivery: Delivery, goal: GoalSubmitted
     ) -> tuple[PlanRejected | None, Principal | None]:
@@ -189,11 +285,8 @@ class PlannerService:
         if not self.auth.enabled:
             return None, None
         try:
-            principal = self.auth.authorize(
-                bearer_token(delivery.msg.headers),
-                tenant=goal.tenant,
-                role=ROLE_SUBMIT,
-                at=message_time(delivery.msg),
+            principal = self.auth.authorize_message(
+                delivery.msg, tenant=goal.tenant, role=ROLE_SUBMIT
             )
         except AuthError as exc:
             log.warning("run %s: goal refused: %s", goal.run_id, exc.reason)
@@ -292,13 +385,13 @@ class PlannerService:
 
 
 class RunLocks:
-    """A lock per run, kept only while someone holds or waits for it."""
+    """A lock per run (or per any other key), kept only while someone holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, run_id: uuid.UUID) -> AsyncIterator[None]:
+    async def hold(self, run_id: Hashable) -> AsyncIterator[None]:
         lock, users = self._locks.get(run_id, (asyncio.Lock(), 0))
         self._locks[run_id] = (lock, users + 1)
         try:

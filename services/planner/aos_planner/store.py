@@ -65,6 +65,11 @@ class Decision:
         last = self.events[-1]
         return last if isinstance(last, PlanCreated) else None
 
+    @property
+    def idempotency_key(self) -> str | None:
+        last = self.events[-1]
+        return last.idempotency_key if isinstance(last, DECIDING) else None
+
 
 class DecisionStore(Protocol):
     name: str
@@ -84,6 +89,10 @@ class DecisionStore(Protocol):
     async def mark_published(self, run_id: uuid.UUID, seq: int) -> None: ...
 
     async def recorded_plan(self, tenant: str, run_id: uuid.UUID) -> PlanCreated | None: ...
+
+    async def run_for_key(self, tenant: str, key: str) -> uuid.UUID | None:
+        """The run the tenant's first decided goal with this idempotency key started."""
+        ...
 
     async def applied_through(self) -> int: ...
 
@@ -124,6 +133,7 @@ class MemoryDecisionStore:
 
     def __init__(self) -> None:
         self._decisions: dict[uuid.UUID, Decision] = {}
+        self._runs_by_key: dict[tuple[str, str], uuid.UUID] = {}
         self._applied_through = 0
 
     async def start(self) -> None:
@@ -147,8 +157,14 @@ class MemoryDecisionStore:
             return existing
         # Through the codec, as the Postgres store does: both return what decoding gives.
         decision = Decision(run_id, tenant, tuple(_roundtrip(e) for e in events), None)
-        self._decisions[run_id] = decision
+        self._add(decision)
         return replace(decision, recorded_now=True)
+
+    def _add(self, decision: Decision) -> None:
+        self._decisions[decision.run_id] = decision
+        if decision.idempotency_key is not None:
+            key = (decision.tenant, decision.idempotency_key)
+            self._runs_by_key.setdefault(key, decision.run_id)
 
     async def mark_published(self, run_id: uuid.UUID, seq: int) -> None:
         decision = self._decisions.get(run_id)
@@ -164,6 +180,9 @@ class MemoryDecisionStore:
             return None
         return decision.plan_created
 
+    async def run_for_key(self, tenant: str, key: str) -> uuid.UUID | None:
+        return self._runs_by_key.get((tenant, key))
+
     async def applied_through(self) -> int:
         return self._applied_through
 
@@ -174,7 +193,7 @@ class MemoryDecisionStore:
         for seq, event in _log_decisions(batch):
             existing = self._decisions.get(event.run_id)
             if existing is None:
-                self._decisions[event.run_id] = Decision(event.run_id, event.tenant, (event,), seq)
+                self._add(Decision(event.run_id, event.tenant, (event,), seq))
                 changed += 1
             elif existing.published_seq is None and existing.tenant == event.tenant:
                 self._decisions[event.run_id] = replace(existing, published_seq=seq)
@@ -187,8 +206,11 @@ class MemoryDecisionStore:
 # together create the schema in turn, so CREATE TABLE IF NOT EXISTS cannot race.
 _SCHEMA_LOCK = 7_461_101
 
-# No index besides the primary key: every query names the run id, and a decision for
-# another tenant's run is filtered out after that lookup.
+# Every query names the run id (a decision for another tenant's run is filtered out after
+# that lookup), except the idempotency-key lookup, which has its own partial index. Not a
+# unique one: the log may hold two decisions for one key (two planner replicas racing on
+# two goals with one key), and rebuilding from the log must never fail on that; the
+# first decision is the one a key names.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS planner_decisions (
     run_id        uuid PRIMARY KEY,
@@ -198,6 +220,9 @@ CREATE TABLE IF NOT EXISTS planner_decisions (
     published_seq bigint,
     recorded_at   timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE planner_decisions ADD COLUMN IF NOT EXISTS idempotency_key text;
+CREATE INDEX IF NOT EXISTS planner_decisions_key_idx
+    ON planner_decisions (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS planner_tracking (
     id       integer PRIMARY KEY CHECK (id = 1),
     last_seq bigint NOT NULL
@@ -208,8 +233,14 @@ SELECT_DECISION = """
 SELECT run_id, tenant, events, published_seq FROM planner_decisions WHERE run_id = $1
 """
 
+SELECT_RUN_FOR_KEY = """
+SELECT run_id FROM planner_decisions WHERE tenant = $1 AND idempotency_key = $2
+ORDER BY published_seq NULLS LAST, recorded_at LIMIT 1
+"""
+
 INSERT_DECISION = """
-INSERT INTO planner_decisions (run_id, tenant, outcome, events) VALUES ($1, $2, $3, $4::jsonb)
+INSERT INTO planner_decisions (run_id, tenant, outcome, events, idempotency_key)
+VALUES ($1, $2, $3, $4::jsonb, $5)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id, tenant, events, published_seq
 """
@@ -230,10 +261,10 @@ RETURNING last_seq
 # A deciding event of the log is a published decision: inserted when the run has none,
 # otherwise only its missing published_seq is filled in (the recorded events stay).
 APPLY_DECISIONS = """
-INSERT INTO planner_decisions (run_id, tenant, outcome, events, published_seq)
-SELECT d.run_id, d.tenant, d.outcome, d.events::jsonb, d.seq
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-     AS d(run_id, tenant, outcome, events, seq)
+INSERT INTO planner_decisions (run_id, tenant, outcome, events, published_seq, idempotency_key)
+SELECT d.run_id, d.tenant, d.outcome, d.events::jsonb, d.seq, d.idempotency_key
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+     AS d(run_id, tenant, outcome, events, seq, idempotency_key)
 ON CONFLICT (run_id) DO UPDATE SET published_seq = EXCLUDED.published_seq
 WHERE planner_decisions.published_seq IS NULL AND planner_decisions.tenant = EXCLUDED.tenant
 RETURNING run_id
@@ -299,7 +330,12 @@ class PostgresDecisionStore:
         outcome = str(getattr(events[-1], "type"))
         async with self.pool.acquire() as conn:
             record = await conn.fetchrow(
-                INSERT_DECISION, run_id, tenant, outcome, _events_json(events)
+                INSERT_DECISION,
+                run_id,
+                tenant,
+                outcome,
+                _events_json(events),
+                getattr(events[-1], "idempotency_key", None),
             )
             if record is not None:
                 return replace(_decision(record), recorded_now=True)
@@ -320,6 +356,10 @@ class PostgresDecisionStore:
         )
         return _decision(record).plan_created if record is not None else None
 
+    async def run_for_key(self, tenant: str, key: str) -> uuid.UUID | None:
+        run_id = await self.pool.fetchval(SELECT_RUN_FOR_KEY, tenant, key)
+        return run_id if isinstance(run_id, uuid.UUID) else None
+
     async def applied_through(self) -> int:
         seq = await self.pool.fetchval("SELECT last_seq FROM planner_tracking WHERE id = 1")
         return int(seq or 0)
@@ -334,6 +374,7 @@ class PostgresDecisionStore:
             [event.type for _, event in found],
             [_events_json([event]) for _, event in found],
             [seq for seq, _ in found],
+            [getattr(event, "idempotency_key", None) for _, event in found],
         ]
         # One transaction: the decisions and the seq they reach are applied together, so a
         # crash midway leaves the store where it was and the batch is read again.

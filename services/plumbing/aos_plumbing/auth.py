@@ -183,6 +183,26 @@ class Authenticator:
         self.require_role(principal, role)
         return principal
 
+    def authorize_message(self, msg: Any, *, tenant: str, role: str) -> Principal | None:
+        """`authorize` for a message of the log: its bearer token, judged at the time the
+        message entered the log, so every service (and every rebuild) agrees."""
+        return self.authorize(
+            bearer_token(getattr(msg, "headers", None)),
+            tenant=tenant,
+            role=role,
+            at=message_time(msg),
+        )
+
+    def admits_goal(self, goal_tenant: str, msg: Any) -> bool:
+        """Whether a goal message's token lets it open a run: the one judgement the planner
+        (accepting) and the ledger (opening a budget) share, so a goal the planner refuses
+        never gets a budget, and never owns its run id."""
+        try:
+            self.authorize_message(msg, tenant=goal_tenant, role=ROLE_SUBMIT)
+        except AuthError:
+            return False
+        return True
+
     def caller_tenant(self, headers: Mapping[str, str] | None, role: str) -> str | None:
         """The tenant a request's bearer token confines it to, once it holds `role`;
         None when no tokens are required (stub mode). AuthError when refused."""

@@ -31,12 +31,13 @@ from aos_contracts.codec import (
     encode_event,
     event_headers,
 )
-from aos_contracts.events import AnyEvent, EventEnvelope
+from aos_contracts.events import AnyEvent, EventEnvelope, GoalSubmitted
 from aos_contracts.parked import ParkedMessage
 from aos_contracts.subjects import (
     CONTEXT_OF_TYPE,
     CONTEXTS,
     PARKED,
+    misplacement,
     parked_subject,
     run_id_of_subject,
     run_subject,
@@ -68,6 +69,28 @@ class Delivery:
     @property
     def run_id(self) -> str:
         return run_id_of_subject(self.subject)
+
+
+class MisplacedEvent(EventDecodeError):
+    """A valid event where it may not count (see `aos_contracts.subjects.misplacement`)."""
+
+
+def decode_placed(subject: str, data: bytes) -> AnyEvent:
+    """The event in a message of the log, if it may count where it arrived.
+
+    Raises EventDecodeError for bytes that are not an event, and for an event on the
+    wrong stream, tenant or run (`misplacement`): both are parked by the live consumers
+    and skipped by every reader of the log, so nothing ever acts on them."""
+    event = decode_event(data)
+    refusal = misplacement(subject, event.type, event.tenant, event.run_id)
+    if refusal is not None:
+        raise MisplacedEvent(refusal)
+    return event
+
+
+# Who may open a run with a goal (the planner's and the ledger's judgement of its token);
+# the message is the goal's as stored in the log.
+GoalAdmission = Callable[[GoalSubmitted, object], bool]
 
 
 # A batch handler returns the deliveries it could not handle (nak'ed for redelivery);
@@ -247,22 +270,44 @@ class EventBus:
         finally:
             await sub.unsubscribe()
 
-    async def run_events(self, context: str, tenant: str, run_id: object) -> list[AnyEvent]:
-        """The events of one run in one stream so far, in log order, read by subject
-        (direct gets: one round trip per event, so for runs with few events in that
-        stream). What does not decode is skipped: the stream's consumers park it."""
+    async def _by_subject(
+        self, context: str, subject: str
+    ) -> AsyncIterator[tuple[js_api.RawStreamMsg, AnyEvent | None]]:
+        """Every message of a stream on `subject` (wildcards allowed), in log order, with
+        its event (None when it does not decode or may not count where it arrived: the
+        stream's consumers park it). Direct gets: one round trip per message, so for
+        subjects with few messages."""
         stream = self.stream(context)
-        subject = run_subject(context, tenant, str(run_id), self.namespace)
-        events: list[AnyEvent] = []
         seq = 1
         while True:
             try:
                 raw = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
             except NotFoundError:
-                return events
-            with contextlib.suppress(EventDecodeError):
-                events.append(decode_event(raw.data or b""))
+                return
+            try:
+                yield raw, decode_placed(raw.subject or "", raw.data or b"")
+            except EventDecodeError:
+                yield raw, None
             seq = (raw.seq or seq) + 1
+
+    async def run_events(self, context: str, tenant: str, run_id: object) -> list[AnyEvent]:
+        """The events of one run in one stream so far, in log order."""
+        subject = run_subject(context, tenant, str(run_id), self.namespace)
+        return [event async for _, event in self._by_subject(context, subject) if event]
+
+    async def run_owner(
+        self, run_id: object, admitted: GoalAdmission | None = None
+    ) -> GoalSubmitted | None:
+        """The goal that owns a run: the first goal.submitted for its id, on any tenant's
+        goals subject, that counts where it arrived and is `admitted`. In log order, so
+        every service that asks gets the same answer whenever it asks: a goal published
+        later under the same run id, by its tenant or another, never takes the run over.
+        One direct get per message on the run's goals subjects (usually one)."""
+        subject = run_subject("goals", "*", str(run_id), self.namespace)
+        async for raw, event in self._by_subject("goals", subject):
+            if isinstance(event, GoalSubmitted) and (admitted is None or admitted(event, raw)):
+                return event
+        return None
 
     async def watch_run(self, context: str, tenant: str, run_id: object) -> RunWatch:
         """Every event of one run in one stream, from its first, and then as they come.
@@ -328,7 +373,7 @@ class RunWatch:
                     f"no awaited event on {self._sub.subject} in {timeout_s} s"
                 ) from exc
             try:
-                event = decode_event(msg.data)
+                event = decode_placed(msg.subject, msg.data)
             except EventDecodeError:
                 continue
             if wanted(event):
@@ -523,13 +568,15 @@ class LogConsumer:
         for msg in msgs:
             if wanted is not None and msg.headers:
                 kind = msg.headers.get(HEADER_EVENT_TYPE)
-                if kind is not None and kind not in wanted:
+                # A type this stream owns but the handler does not want is skipped
+                # unread; a type this stream does not own is read, to be parked.
+                if kind is not None and kind not in wanted and self._owns(kind):
                     await msg.ack()
                     continue
             meta = msg.metadata
             seq = meta.sequence.stream
             try:
-                event = decode_event(msg.data)
+                event = decode_placed(msg.subject, msg.data)
             except EventDecodeError as exc:
                 await self.bus.park(msg, str(exc), stream_seq=seq, num_delivered=meta.num_delivered)
                 await msg.ack()
@@ -560,6 +607,9 @@ class LogConsumer:
                 # 0.1 s doubling to 5 s: with 10 deliveries, about 20 s before a message is
                 # parked, long enough to ride out a store restart.
                 await _safe_nak(delivery.msg, delay=min(0.05 * 2**delivery.num_delivered, 5.0))
+
+    def _owns(self, event_type: str) -> bool:
+        return CONTEXT_OF_TYPE.get(event_type) == self.context
 
     async def _keep_in_progress(self, deliveries: list[Delivery]) -> None:
         """Tell the server the batch is still being worked on, so that a handler slower

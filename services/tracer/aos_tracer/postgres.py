@@ -277,8 +277,10 @@ class PostgresTraceStore:
 
     async def run_events(self, run_id: uuid.UUID) -> list[EventRow]:
         records = await self.pool.fetch(
+            # Another tenant's events naming this run id are not the run's.
             "SELECT stream, stream_seq, type, occurred_at, payload FROM events"
-            " WHERE run_id = $1 ORDER BY occurred_at, stream, stream_seq",
+            " WHERE run_id = $1 AND tenant = (SELECT tenant FROM runs WHERE run_id = $1)"
+            " ORDER BY occurred_at, stream, stream_seq",
             run_id,
         )
         return [EventRow(**dict(record)) for record in records]

@@ -24,6 +24,7 @@ from aos_contracts.events import (
     PlanCreated,
     PlanningCallFinished,
     PlanRejected,
+    RequestRefused,
     RunAccepted,
     RunCancelled,
     RunCompleted,
@@ -80,8 +81,12 @@ class Projector:
         self.touched_steps: set[StepKey] = set()
 
     def apply(self, event: AnyEvent) -> None:
+        if isinstance(event, RequestRefused) and not event.ends_run:
+            return  # an answer to its sender about a run id that is not theirs: no run
         at = aware(event.occurred_at)
         run = self._run(event, at)
+        if run is None:
+            return
         match event:
             case GoalSubmitted() | RunAccepted():
                 run.goal = run.goal or no_nul(event.goal)
@@ -127,6 +132,8 @@ class Projector:
                 if step.status == "pending":  # a denial never undoes a step that went on
                     step.status = "denied"
                     step.error_code = event.error.code.value
+            case RequestRefused():  # a duplicate goal: its run id never runs
+                _end(run, "failed", at, cost_cents=0)
             case RunCompleted() | RunFailed() | RunCancelled():
                 status = {"run.completed": "completed", "run.failed": "failed"}.get(
                     event.type, "cancelled"
@@ -135,8 +142,12 @@ class Projector:
             case _:
                 pass  # cancel requests, budget bookkeeping: in the event list, not the views
 
-    def _run(self, event: AnyEvent, at: datetime) -> RunRow:
+    def _run(self, event: AnyEvent, at: datetime) -> RunRow | None:
+        """The event's run; None when the run is another tenant's (an event naming it from
+        another tenant's subjects changes nothing of it: docs/SECURITY.md)."""
         run = self.runs.get(event.run_id)
+        if run is not None and run.tenant != event.tenant:
+            return None
         if run is None:
             run = RunRow(event.run_id, event.tenant, None, "submitted", None, 0, at, at)
             self.runs[event.run_id] = run

@@ -91,7 +91,7 @@ class InMemoryTraceStore:
     def __init__(self) -> None:
         self.events: dict[uuid.UUID, EventRow] = {}
         self.positions: set[tuple[str, int]] = set()
-        self.run_ids: dict[uuid.UUID, uuid.UUID] = {}  # event id -> run id
+        self.run_ids: dict[uuid.UUID, tuple[uuid.UUID, str]] = {}  # event id -> run, tenant
         self.runs: dict[uuid.UUID, RunRow] = {}
         self.steps: dict[StepKey, StepRow] = {}
         self.parked: dict[tuple[str, str, int], ParkedRow] = {}
@@ -120,7 +120,7 @@ class InMemoryTraceStore:
                 continue
             self.events[traced.event.event_id] = event_row(traced)
             self.positions.add(position)
-            self.run_ids[traced.event.event_id] = traced.event.run_id
+            self.run_ids[traced.event.event_id] = (traced.event.run_id, traced.event.tenant)
             projector.apply(traced.event)
             stored += 1
         last = max(traced.stream_seq for traced in batch)
@@ -152,7 +152,11 @@ class InMemoryTraceStore:
         )
 
     async def run_events(self, run_id: uuid.UUID) -> list[EventRow]:
-        rows = [row for event_id, row in self.events.items() if self.run_ids[event_id] == run_id]
+        run = self.runs.get(run_id)
+        if run is None:
+            return []
+        owner = (run_id, run.tenant)  # another tenant's events naming this run are not its
+        rows = [row for event_id, row in self.events.items() if self.run_ids[event_id] == owner]
         return sorted(rows, key=lambda row: (row.occurred_at, row.stream, row.stream_seq))
 
     async def list_parked(self, limit: int) -> list[ParkedRow]:
