@@ -83,7 +83,8 @@ class Delivery:
     num_delivered: int
     # Set by the handler (per_run) on what it gives back, for the consumer to decide
     # between waiting and parking: the exception it failed with, or the stream seq of an
-    # earlier event of its run that failed and must be handled first.
+    # earlier event of its run that failed and must be handled first. `error` is also set
+    # on a delivery handled by giving up on its run after an outage.
     error: BaseException | None = None
     held_back_by: int | None = None
 
@@ -573,9 +574,9 @@ class LogConsumer:
         for delivery in deliveries:
             if id(delivery) not in failed_ids:
                 await delivery.msg.ack()
-        await self._send_back(failed, handled=len(deliveries) - len(failed))
+        await self._send_back(failed, handled=[d for d in deliveries if id(d) not in failed_ids])
 
-    async def _send_back(self, failed: list[Delivery], *, handled: int) -> None:
+    async def _send_back(self, failed: list[Delivery], *, handled: list[Delivery]) -> None:
         """Nak what the handler could not handle, with backoff; park a poison message.
 
         A failure for a dependency outage, and an event held back behind its run's failed
@@ -587,7 +588,8 @@ class LogConsumer:
         outages = [delivery for delivery in failed if is_outage(delivery.error)]
         if outages:
             self._outage.failed(outages[0].error, len(outages))
-        elif handled:
+        elif any(delivery.error is None for delivery in handled):
+            # Handled for real: not given up on in spite of the outage (per_run's give_up)
             self._outage.recovered()
         for delivery in failed:
             if is_outage(delivery.error):
@@ -731,6 +733,7 @@ def per_run(
                 failing_for,
                 describe(exc),
             )
+            delivery.error = exc
             return await give_up(delivery, exc)
 
     def hold_back(later: list[Delivery], first: Delivery) -> list[Delivery]:
