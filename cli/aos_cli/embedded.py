@@ -330,3 +330,32 @@ class _Redis(_Server):
             return False
         finally:
             client.close()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of its own, on a free port, that can be stopped and started
+    again on the same port and data: for fault tests that take the database away from
+    the services without touching a server anyone else uses."""
+
+    def __init__(self, data_dir: Path, *, timeout: float = 60.0) -> None:
+        self._infra = EmbeddedInfra(data_dir, timeout=timeout)
+        self._infra.log_dir.mkdir(parents=True, exist_ok=True)
+        self._server = _Postgres(self._infra)
+        self._child = self._server.child()  # initdb, once
+
+    @property
+    def url(self) -> str:
+        """The DSN of its `postgres` database (the services' tables share it)."""
+        return self._server.url
+
+    @property
+    def running(self) -> bool:
+        return self._child.running()
+
+    def start(self) -> None:
+        self._child.start()
+        self._child.wait_until(self._server.ready, self._infra.timeout)
+
+    def stop(self) -> None:
+        """A fast shutdown: open connections are cut, new ones refused."""
+        self._child.stop(grace=20.0)

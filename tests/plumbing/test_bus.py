@@ -1,16 +1,31 @@
-"""The bus's helpers for waiting on another service, and for slow handlers."""
+"""The bus's helpers for waiting on another service, for slow handlers, and for failed
+deliveries (outages wait, poison is parked)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import asyncpg
+import nats.errors
 import pytest
+import redis.exceptions
+from nats.js.errors import NotFoundError
 
 from aos_cli.embedded import InfraUrls
-from aos_contracts.events import GoalSubmitted, PlanRejected, RunAccepted, RunCancelRequested
-from aos_plumbing.bus import Delivery, EventBus
+from aos_contracts.events import (
+    EventEnvelope,
+    GoalSubmitted,
+    PlanRejected,
+    RunAccepted,
+    RunCancelRequested,
+)
+from aos_contracts.parked import ParkedMessage
+from aos_plumbing.bus import BatchHandler, Delivery, EventBus, per_run
+from aos_plumbing.outages import is_outage
 from aos_plumbing.settings import CommonSettings
 
 
@@ -130,3 +145,138 @@ async def test_a_consumer_decodes_only_the_types_it_wants_and_acks_the_rest(
         await consumer.stop()
     assert seen == ["goal.submitted"]
     assert (info.num_pending, info.num_ack_pending) == (0, 0)  # the cancel was acked too
+
+
+# --- failed deliveries: outages wait, poison is parked -----------------------------------
+
+
+async def parked_messages(bus: EventBus) -> list[ParkedMessage]:
+    parked: list[ParkedMessage] = []
+    seq = 1
+    while True:
+        try:
+            raw = await bus.js.get_msg(bus.stream("parked"), seq=seq, next=True)
+        except NotFoundError:
+            return parked
+        parked.append(ParkedMessage.model_validate_json(raw.data or b""))
+        seq = (raw.seq or seq) + 1
+
+
+async def until(condition: Callable[[], Awaitable[bool]], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"not true within {within_s} s"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def consumed(
+    bus: EventBus, handler: BatchHandler, events: list[GoalSubmitted | RunCancelRequested]
+) -> AsyncIterator[None]:
+    """`handler` consuming the goals stream (parking after 2 deliveries) while `events`
+    are published to it."""
+    consumer = bus.consumer("goals", "outages", handler, park_after_deliveries=2)
+    await consumer.start()
+    try:
+        await bus.publish_all(events)
+        yield
+    finally:
+        await consumer.stop()
+
+
+async def test_a_delivery_failing_for_an_outage_is_never_parked_and_its_run_waits(
+    bus: EventBus,
+) -> None:
+    """The store is "down" for 6 deliveries, three times the parking threshold: the goal
+    is not parked, and the run's next event is held back (and not parked either) until
+    the goal is handled."""
+    first = goal()
+    later = RunCancelRequested(run_id=first.run_id, tenant="acme")
+    handled: list[tuple[str, int]] = []
+
+    async def handle(delivery: Delivery) -> None:
+        if isinstance(delivery.event, GoalSubmitted) and delivery.num_delivered < 6:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        handled.append((str(delivery.event.type), delivery.num_delivered))
+
+    async def both_handled() -> bool:
+        return len(handled) == 2
+
+    async with consumed(bus, per_run(handle, park_after_deliveries=2), [first, later]):
+        await until(both_handled, within_s=30)
+    assert [kind for kind, _ in handled] == ["goal.submitted", "run.cancel_requested"]
+    assert handled[0][1] == 6
+    assert handled[1][1] >= 2  # held back past the parking threshold, yet not parked
+    assert await parked_messages(bus) == []
+
+
+async def test_a_handler_error_is_parked_with_the_exception_and_its_run_goes_on(
+    bus: EventBus,
+) -> None:
+    first = goal()
+    later = RunCancelRequested(run_id=first.run_id, tenant="acme")
+    handled: list[str] = []
+
+    async def handle(delivery: Delivery) -> None:
+        if isinstance(delivery.event, GoalSubmitted):
+            raise ValueError("no such skill: teleport")
+        handled.append(str(delivery.event.type))
+
+    async def parked_and_handled() -> bool:
+        return bool(handled) and bool(await parked_messages(bus))
+
+    async with consumed(bus, per_run(handle, park_after_deliveries=2), [first, later]):
+        await until(parked_and_handled, within_s=30)
+    [parked] = await parked_messages(bus)
+    assert parked.reason == (
+        "handler failed 2 times; the last time with ValueError: no such skill: teleport"
+    )
+    assert parked.stream_seq == 1
+    assert handled == ["run.cancel_requested"]  # behind the parked goal, then handled
+
+
+async def test_an_outage_outlasting_the_bound_is_given_up_once_and_nothing_parked(
+    bus: EventBus,
+) -> None:
+    """The dependency never comes back: after `give_up_after_s` the service's give-up
+    ends the run (its events are published like a handler's), and the message is acked."""
+    stuck = goal()
+    gave_up: list[tuple[int, str]] = []
+    published: list[EventEnvelope] = []
+
+    async def handle(delivery: Delivery) -> None:
+        raise asyncpg.CannotConnectNowError("the database system is starting up")
+
+    async def give_up(delivery: Delivery, exc: BaseException) -> list[EventEnvelope]:
+        gave_up.append((delivery.num_delivered, type(exc).__name__))
+        assert isinstance(delivery.event, GoalSubmitted)
+        return [delivery.event.caused(PlanRejected, "plan.rejected", reasons=["outage"])]
+
+    async def publish(events: Sequence[EventEnvelope]) -> None:
+        published.extend(events)
+
+    async def acked() -> bool:
+        info = await bus.js.consumer_info(bus.stream("goals"), "outages")
+        return bool(gave_up) and info.num_ack_pending == 0 and info.num_pending == 0
+
+    handler = per_run(
+        handle, publish=publish, park_after_deliveries=2, give_up=give_up, give_up_after_s=0.5
+    )
+    async with consumed(bus, handler, [stuck]):
+        await until(acked, within_s=30)
+    assert len(gave_up) == 1 and gave_up[0][0] > 2 and gave_up[0][1] == "CannotConnectNowError"
+    assert [type(event) for event in published] == [PlanRejected]
+    assert await parked_messages(bus) == []
+
+
+def test_outages_are_told_from_poison() -> None:
+    assert is_outage(ConnectionRefusedError(111, "refused"))
+    assert is_outage(asyncpg.AdminShutdownError("terminating connection"))
+    assert is_outage(asyncpg.InterfaceError("connection is closed"))
+    assert is_outage(redis.exceptions.ConnectionError("Connection refused"))
+    assert is_outage(nats.errors.NoRespondersError())
+    assert is_outage(TimeoutError())
+    assert not is_outage(ValueError("bad"))
+    assert not is_outage(asyncpg.DataError("invalid input"))  # an InterfaceError subclass
+    assert not is_outage(asyncpg.UniqueViolationError("duplicate key"))
+    assert not is_outage(None)

@@ -268,6 +268,11 @@ class RunState:
             return dict(state.step.params)
         return resolved if isinstance(resolved, dict) else dict(state.step.params)
 
+    def abandoned(self, failure: Failure) -> EventEnvelope:
+        """run.failed with `failure`: the end of a run the executor gives up on whatever
+        its steps say (a dependency down for too long)."""
+        return self._terminal(RunFailed, error=failure)
+
     def _terminal(self, cls: Callable[..., EventEnvelope], **payload: Any) -> EventEnvelope:
         return cls(
             event_id=derive_event_id(self.run_id, "terminal"),

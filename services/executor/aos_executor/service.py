@@ -78,6 +78,7 @@ from aos_plumbing import metrics
 from aos_plumbing.auth import Authenticator
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, per_run
 from aos_plumbing.http import ServiceHttp
+from aos_plumbing.outages import describe, is_outage
 from aos_plumbing.reachability import AnthropicProbe
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,9 @@ class ExecutorService:
         assert self.bus is not None
         self.http.backends["role"] = "active"
         await self.rebuild()
-        handler = per_run(self.handle)
+        handler = per_run(
+            self.handle, give_up=self.give_up, give_up_after_s=self.settings.outage_give_up_s
+        )
         self.consumers = [
             self.bus.consumer(
                 context,
@@ -251,14 +254,23 @@ class ExecutorService:
     async def _checkpoint_periodically(self) -> None:
         """Fold the log since the last checkpoint into a new one, from the store's copy
         (never from the live state, which holds claims the log has not seen)."""
+        down = False
         while self.running:
             await asyncio.sleep(self.settings.checkpoint_interval_s)
             try:
                 checkpoint = await self.checkpoints.load()
                 await fold_log(checkpoint, self._read_log)
                 await self.checkpoints.save(checkpoint)
-            except Exception:
-                log.exception("checkpoint failed; the next one folds more of the log")
+            except Exception as exc:
+                if not is_outage(exc):
+                    log.exception("checkpoint failed; the next one folds more of the log")
+                elif not down:  # said once per outage, not at every interval
+                    log.warning("checkpoints wait for the database: %s", describe(exc))
+                down = down or is_outage(exc)
+                continue
+            if down:
+                log.warning("checkpoint saved: the database is back")
+                down = False
 
     def _fold(self, event: AnyEvent) -> RunState | None:
         return self.book.fold(event)
@@ -297,6 +309,27 @@ class ExecutorService:
             state = self._fold(event)
             if state is not None:
                 await self._drive(state)
+
+    async def give_up(self, delivery: Delivery, exc: BaseException) -> None:
+        """run.failed DEPENDENCY_UNAVAILABLE for a run one of whose events could not be
+        handled for AOS_OUTAGE_GIVE_UP_S because a dependency stayed down; the ledger
+        releases what the run holds when it sees the end. Ending it is a publish too:
+        while NATS is down this raises, and the event keeps waiting for NATS."""
+        assert self.bus is not None
+        run_id = delivery.event.run_id
+        async with self._lock(run_id):
+            state = self.runs.get(run_id)
+            if state is None or state.terminal:
+                return  # nothing of the run to end here
+            failure = Failure.of(
+                FailureCode.DEPENDENCY_UNAVAILABLE,
+                f"a dependency of the executor was unreachable for "
+                f"{self.settings.outage_give_up_s:g} s: {describe(exc)}",
+            )
+            events = [state.abandoned(failure)]
+            await self.bus.publish_all(events)
+            log.warning("run %s failed: %s", run_id, failure.message)
+            self._applied(state, events)
 
     async def _drive(self, state: RunState) -> None:
         """Publish whatever the run is missing; start the steps whose budget is reserved.

@@ -30,6 +30,7 @@ from aos_contracts.events import (
     AnyEvent,
     EventEnvelope,
     GoalSubmitted,
+    PlanningCallFinished,
     PlanRejected,
     RequestRefused,
     RunCancelRequested,
@@ -49,12 +50,13 @@ from aos_planner.planning import (
     validation_problems,
 )
 from aos_planner.settings import PlannerSettings
-from aos_planner.store import DecisionStore, make_store
+from aos_planner.store import DECIDING, DecisionStore, make_store
 from aos_planner.stub import StubPlanner
 from aos_plumbing import metrics
 from aos_plumbing.auth import ROLE_SUBMIT, Authenticator, AuthError, Principal
 from aos_plumbing.bus import Delivery, EventBus, LogConsumer, decode_placed, per_run
 from aos_plumbing.http import ServiceHttp
+from aos_plumbing.outages import describe, is_outage
 from aos_plumbing.reachability import AnthropicProbe
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ PLANNING_CENTS = metrics.counter(
 )
 
 CATCH_UP_BATCH = 500
+# Recording a decision published while the store was down: first retry after this long.
+RECORD_RETRY_S = 1.0
 
 
 class PlannerService:
@@ -81,6 +85,7 @@ class PlannerService:
         self.auth = Authenticator.from_settings(settings)
         self.store: DecisionStore = make_store(settings.database_url)
         self._run_locks = RunLocks()
+        self._recording: set[asyncio.Task[None]] = set()
         self.bus: EventBus | None = None
         self.consumer: LogConsumer | None = None
         self.http = ServiceHttp(self.name, settings.http_host, settings.http_port)
@@ -101,7 +106,11 @@ class PlannerService:
         self.consumer = self.bus.consumer(
             "goals",
             "planner",
-            per_run(self.handle),
+            per_run(
+                self.handle,
+                give_up=self.give_up,
+                give_up_after_s=self.settings.outage_give_up_s,
+            ),
             batch_size=self.settings.consumer_batch,
             # Cancels are the executor's to apply; the planner answers those it must refuse.
             event_types=type_names(GoalSubmitted, RunCancelRequested),
@@ -140,6 +149,8 @@ class PlannerService:
     async def stop(self) -> None:
         if self.consumer:
             await self.consumer.stop()
+        for task in self._recording:
+            task.cancel()  # the next start's catch-up records them from the log
         await self.http.stop()
         if self.bus:
             await self.bus.close()
@@ -326,7 +337,9 @@ class PlannerService:
         What keeps planning from finishing (the ledger or the model API not answering)
         raises, so the goal is tried again later, up to AOS_PLANNING_ATTEMPTS times;
         then the goal is rejected with DEPENDENCY_UNAVAILABLE (retryable), so that its
-        submitter learns why instead of waiting on a run that never moves."""
+        submitter learns why instead of waiting on a run that never moves. An outage of
+        the planner's own dependencies (NATS; outages.is_outage) does not use up attempts:
+        it is waited out, up to AOS_OUTAGE_GIVE_UP_S (see `give_up`)."""
         assert self.bus is not None
         accepted = accepted_event(goal, self.planner.name)
         if goal.reuse_plan_of is not None:
@@ -342,7 +355,7 @@ class PlannerService:
         try:
             outcome = await plan_goal(goal, self.planner, meter, validate=self.validate)
         except Exception as exc:  # any cause: re-raised, or reported in the rejection
-            if delivery_count < self.settings.planning_attempts:
+            if delivery_count < self.settings.planning_attempts or is_outage(exc):
                 raise
             log.warning("run %s: planning gave up after %d attempts", goal.run_id, delivery_count)
             outcome = Refused(
@@ -357,6 +370,66 @@ class PlannerService:
             await meter.close()
         decision = decision_event(goal, self._skill_roles_refusal(outcome, principal))
         return [decision] if meter.published_first else [accepted, decision]
+
+    async def give_up(self, delivery: Delivery, exc: BaseException) -> None:
+        """plan.rejected DEPENDENCY_UNAVAILABLE for a goal that could not be decided for
+        AOS_OUTAGE_GIVE_UP_S because a dependency (the decision store, NATS) stayed down.
+        The executor answers it with run.failed, so the run ends and the ledger releases
+        what it holds for it.
+
+        Judged from the log, since the store is what is down: a run the log shows decided
+        keeps its decision, and a run id the log shows as another tenant's gets no answer
+        (as in `_handle_goal`). The rejection is recorded in the store once it is back."""
+        goal = delivery.event
+        if not isinstance(goal, GoalSubmitted):
+            return
+        assert self.bus is not None
+        async with self._run_locks.hold(goal.run_id):
+            logged = await self.bus.run_events("plans", "*", goal.run_id)
+            if any(event.tenant != goal.tenant for event in logged):
+                log.warning("run %s belongs to another tenant; goal ignored", goal.run_id)
+                return
+            if any(isinstance(event, DECIDING) for event in logged):
+                return  # decided before the outage; that decision stands
+            spent = sum(e.cost_cents for e in logged if isinstance(e, PlanningCallFinished))
+            reason = (
+                f"a dependency of the planner was unreachable for "
+                f"{self.settings.outage_give_up_s:g} s: {describe(exc)}"
+            )
+            rejection = decision_event(
+                goal, Refused([reason], FailureCode.DEPENDENCY_UNAVAILABLE, spent)
+            )
+            [ack] = await self.bus.publish_all([rejection])
+            log.warning("run %s: goal rejected, %s", goal.run_id, reason)
+            PLANS.labels(_outcome_label(rejection), self.planner.name).inc()
+        task = asyncio.create_task(self._record_when_back(goal, rejection, ack.seq))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record_when_back(
+        self, goal: GoalSubmitted, rejection: EventEnvelope, seq: int
+    ) -> None:
+        """Record a decision published without the store, once the store answers again:
+        a goal resubmitted later then finds it, as it finds any other."""
+        delay = RECORD_RETRY_S
+        while True:
+            try:
+                decision = await self.store.record(goal.run_id, goal.tenant, [rejection])
+                if decision.events[-1].event_id == rejection.event_id:
+                    await self.store.mark_published(goal.run_id, seq)
+                else:
+                    log.warning(
+                        "run %s: the store recorded another decision before the outage; "
+                        "the log's rejection stands",
+                        goal.run_id,
+                    )
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    log.exception("run %s: recording the rejection failed", goal.run_id)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _reuse(
         self, goal: GoalSubmitted, earlier: uuid.UUID, principal: Principal | None

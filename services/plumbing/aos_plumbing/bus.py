@@ -45,6 +45,7 @@ from aos_contracts.subjects import (
     stream_subjects,
 )
 from aos_plumbing import metrics
+from aos_plumbing.outages import OutageState, describe, is_outage
 from aos_plumbing.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,22 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_S = 15 * 60.0
 # How often a consumer reports its lag (aos_consumer_pending_messages) while idle or busy.
 LAG_POLL_INTERVAL_S = 5.0
+# Redelivery backoff of a failed message: 0.1 s doubling, capped so that a message waiting
+# out an outage is tried again within this long of the dependency coming back.
+REDELIVERY_MAX_DELAY_S = 5.0
+# An event held back behind an earlier failed event of its run stops waiting for it once
+# that one has not come back to this process for this long (another replica has it).
+HELD_BACK_LIMIT_S = 60.0
+# How long per_run remembers when a message it no longer sees started failing.
+OUTAGE_MEMORY_S = 600.0
+DEFAULT_GIVE_UP_S = 300.0
+
+NAKS = metrics.counter(
+    "aos_consumer_naks_total",
+    "messages sent back for redelivery, by why: outage (a dependency is down), held_back "
+    "(behind a failed event of its run), error (counts towards parking)",
+    ("service", "stream", "reason"),
+)
 
 
 @dataclass(slots=True)
@@ -65,6 +82,12 @@ class Delivery:
     subject: str
     event: AnyEvent
     num_delivered: int
+    # Set by the handler (per_run) on what it gives back, for the consumer to decide
+    # between waiting and parking: the exception it failed with, or the stream seq of an
+    # earlier event of its run that failed and must be handled first. `error` is also set
+    # on a delivery handled by giving up on its run after an outage.
+    error: BaseException | None = None
+    held_back_by: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -397,7 +420,9 @@ class LogConsumer:
     acknowledged (it would never decode on redelivery). The rest goes to the handler; what
     the handler reports as failed is nak'ed with a delay and, after
     `park_after_deliveries` attempts, parked too, so one poison message cannot stall a
-    consumer forever.
+    consumer forever. Except what failed for a dependency outage, or is held back behind
+    a failed event of its run (see `Delivery.error`, `Delivery.held_back_by`): that is
+    no poison, and is redelivered with backoff however long it takes.
 
     `event_types`, when given, are the only types the handler wants: a message whose
     type header names another is acknowledged without being decoded (most of a stream,
@@ -433,9 +458,11 @@ class LogConsumer:
     _fetching: bool = field(default=False, init=False)
     _lag_task: asyncio.Task[None] | None = field(default=None, init=False)
     last_batch_at: float = field(default=0.0, init=False)
+    _outage: OutageState = field(init=False)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.batches_in_flight)
+        self._outage = OutageState(self.bus.service, self.stream)
 
     @property
     def stream(self) -> str:
@@ -594,19 +621,41 @@ class LogConsumer:
         for delivery in deliveries:
             if id(delivery) not in failed_ids:
                 await delivery.msg.ack()
+        await self._send_back(failed, handled=[d for d in deliveries if id(d) not in failed_ids])
+
+    async def _send_back(self, failed: list[Delivery], *, handled: list[Delivery]) -> None:
+        """Nak what the handler could not handle, with backoff; park a poison message.
+
+        A failure for a dependency outage, and an event held back behind its run's failed
+        one, wait however many deliveries it takes: the planner and the executor end such
+        a run themselves past AOS_OUTAGE_GIVE_UP_S (per_run's give_up), and the ledger
+        and the tracer, which cannot end a run, catch up once the dependency is back.
+        Any other failure is parked after `park_after_deliveries` (about 20 s of
+        backoff), with the exception it failed with as the reason."""
+        outages = [delivery for delivery in failed if is_outage(delivery.error)]
+        if outages:
+            self._outage.failed(outages[0].error, len(outages))
+        elif any(delivery.error is None for delivery in handled):
+            # Handled for real: not given up on in spite of the outage (per_run's give_up)
+            self._outage.recovered()
         for delivery in failed:
-            if delivery.num_delivered >= self.park_after_deliveries:
+            if is_outage(delivery.error):
+                reason = "outage"
+            elif delivery.held_back_by is not None:
+                reason = "held_back"
+            elif delivery.num_delivered >= self.park_after_deliveries:
                 await self.bus.park(
                     delivery.msg,
-                    f"handler failed {delivery.num_delivered} times",
+                    park_reason(delivery),
                     stream_seq=delivery.stream_seq,
                     num_delivered=delivery.num_delivered,
                 )
                 await delivery.msg.ack()
+                continue
             else:
-                # 0.1 s doubling to 5 s: with 10 deliveries, about 20 s before a message is
-                # parked, long enough to ride out a store restart.
-                await _safe_nak(delivery.msg, delay=min(0.05 * 2**delivery.num_delivered, 5.0))
+                reason = "error"
+            NAKS.labels(self.bus.service, self.stream, reason).inc()
+            await _safe_nak(delivery.msg, delay=redelivery_delay(delivery.num_delivered))
 
     def _owns(self, event_type: str) -> bool:
         return CONTEXT_OF_TYPE.get(event_type) == self.context
@@ -624,10 +673,67 @@ class LogConsumer:
                     await delivery.msg.in_progress()
 
 
+def redelivery_delay(num_delivered: int) -> float:
+    """0.1 s doubling to REDELIVERY_MAX_DELAY_S: a message that keeps failing is parked
+    after 10 deliveries, about 20 s, long enough to ride out a store restart."""
+    return min(0.05 * 2.0 ** min(num_delivered, 16), REDELIVERY_MAX_DELAY_S)
+
+
+def park_reason(delivery: Delivery) -> str:
+    reason = f"handler failed {delivery.num_delivered} times"
+    if delivery.error is not None:
+        reason += f"; the last time with {describe(delivery.error)}"
+    return reason
+
+
 async def _safe_nak(msg: Msg, delay: float) -> None:
     # If the nak is lost, the ack wait redelivers the message anyway.
     with contextlib.suppress(Exception):
         await msg.nak(delay=delay)
+
+
+# What a service does with an event it could not handle for AOS_OUTAGE_GIVE_UP_S because
+# a dependency stayed down (its last exception given): end the run (returning the events
+# that do, like an EventHandler), or raise to keep waiting.
+GiveUp = Callable[[Delivery, BaseException], Awaitable[Sequence[EventEnvelope] | None]]
+
+
+@dataclass(slots=True)
+class _HeldBack:
+    """A run's failed event that its later events wait behind, and when it last failed."""
+
+    seq: int
+    at: float = field(default_factory=time.monotonic)
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.at > HELD_BACK_LIMIT_S
+
+
+class OutageClock:
+    """How long each message has been failing for an outage, as seen by this process.
+
+    Measured from the first outage failure of that message here, not from its age in
+    the stream (a message that waited in a backlog has not been failing), nor from the
+    server's delivery count (backoff makes deliveries a poor clock). A restart starts
+    the count again: it can only make a service wait longer before giving up."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[str, int], tuple[float, float]] = {}  # -> (first, last)
+
+    def failing_for(self, delivery: Delivery) -> float:
+        now = time.monotonic()
+        key = (delivery.subject, delivery.stream_seq)
+        first = self._first.get(key, (now, now))[0]
+        self._first[key] = (first, now)
+        if len(self._first) > 1000:
+            # Messages that stopped coming back (handled by another replica): forgotten.
+            for old, (_, last) in list(self._first.items()):
+                if now - last > OUTAGE_MEMORY_S:
+                    del self._first[old]
+        return now - first
+
+    def forget(self, delivery: Delivery) -> None:
+        self._first.pop((delivery.subject, delivery.stream_seq), None)
 
 
 def per_run(
@@ -635,6 +741,8 @@ def per_run(
     *,
     publish: Publisher | None = None,
     park_after_deliveries: int = 10,
+    give_up: GiveUp | None = None,
+    give_up_after_s: float = DEFAULT_GIVE_UP_S,
 ) -> BatchHandler:
     """Adapt a one-event handler to a batch: runs are handled concurrently, the events of
     one run strictly in log order.
@@ -646,34 +754,82 @@ def per_run(
 
     When an event of a run fails it goes back for redelivery, and the run is *blocked*:
     its later events (in this batch or the next ones) are sent back too until the failed
-    one has been handled, so a redelivery can never overtake."""
-    blocked: dict[str, int] = {}  # run id -> stream seq of the event that must go first
+    one has been handled, so a redelivery can never overtake. What goes back carries
+    why (`Delivery.error`, `Delivery.held_back_by`), so the consumer parks only poison.
+
+    An event that keeps failing because a dependency is down (outages.is_outage) is
+    retried until the dependency is back; once it has been failing so for
+    `give_up_after_s`, `give_up` is called instead of the handler, if given, to end the
+    run (its events are published like the handler's). Without `give_up` the run's
+    events wait for the dependency however long it takes."""
+    blocked: dict[str, _HeldBack] = {}  # subject -> the event that must go first
+    clock = OutageClock()
+
+    async def attempt(delivery: Delivery) -> Sequence[EventEnvelope] | None:
+        try:
+            return await handle(delivery)
+        except Exception as exc:
+            if give_up is None or not is_outage(exc):
+                raise
+            failing_for = clock.failing_for(delivery)
+            if failing_for < give_up_after_s:
+                raise
+            log.warning(
+                "%s (seq %d, run %s): a dependency has been unreachable for %.0f s (%s): "
+                "giving up on it",
+                delivery.event.type,
+                delivery.stream_seq,
+                delivery.run_id,
+                failing_for,
+                describe(exc),
+            )
+            delivery.error = exc
+            return await give_up(delivery, exc)
+
+    def hold_back(later: list[Delivery], first: Delivery) -> list[Delivery]:
+        blocked[first.subject] = _HeldBack(first.stream_seq)
+        for delivery in later:
+            delivery.held_back_by = first.stream_seq
+        return later
 
     async def handle_run(run_deliveries: list[Delivery]) -> list[Delivery]:
         failed: list[Delivery] = []
         handled: list[Delivery] = []
         outbox: list[EventEnvelope] = []
         for index, delivery in enumerate(run_deliveries):
-            first = blocked.get(delivery.run_id)
-            if first is not None and delivery.stream_seq > first:
-                failed += run_deliveries[index:]
-                break
-            try:
-                produced = await handle(delivery)
-            except Exception:  # reported, nak'ed, parked if it persists
-                log.exception(
-                    "handling %s (seq %d) failed", delivery.event.type, delivery.stream_seq
+            first = blocked.get(delivery.subject)
+            if first is not None and delivery.stream_seq > first.seq:
+                if not first.stale():
+                    for later in run_deliveries[index:]:
+                        later.held_back_by = first.seq
+                    failed += run_deliveries[index:]
+                    break
+                log.warning(
+                    "%s: seq %d has not come back for %.0f s; its run's later events go on",
+                    delivery.subject,
+                    first.seq,
+                    HELD_BACK_LIMIT_S,
                 )
+            try:
+                produced = await attempt(delivery)
+            except Exception as exc:  # reported, nak'ed, parked if it persists
+                delivery.error = exc
                 failed.append(delivery)
-                if delivery.num_delivered < park_after_deliveries:
-                    blocked[delivery.run_id] = delivery.stream_seq
-                    failed += run_deliveries[index + 1 :]
+                if is_outage(exc):
+                    # One warning per outage comes from the consumer, not one per message.
+                    log.debug("handling seq %d failed: %s", delivery.stream_seq, describe(exc))
+                else:
+                    log.exception(
+                        "handling %s (seq %d) failed", delivery.event.type, delivery.stream_seq
+                    )
+                if is_outage(exc) or delivery.num_delivered < park_after_deliveries:
+                    failed += hold_back(run_deliveries[index + 1 :], delivery)
                     break
                 # The consumer parks it now; the run must not wait for it any longer.
-                blocked.pop(delivery.run_id, None)
+                blocked.pop(delivery.subject, None)
                 continue
             if first is not None:
-                del blocked[delivery.run_id]
+                blocked.pop(delivery.subject, None)
             handled.append(delivery)
             if produced:
                 outbox.extend(produced)
@@ -682,9 +838,17 @@ def per_run(
                 raise TypeError("per_run: the handler returned events but no publish was given")
             try:
                 await publish(outbox)
-            except Exception:  # nothing of the group is acknowledged; it comes back
-                log.exception("publishing %d events failed", len(outbox))
+            except Exception as exc:  # nothing of the group is acknowledged; it comes back
+                if is_outage(exc):
+                    log.debug("publishing %d events failed: %s", len(outbox), describe(exc))
+                else:
+                    log.exception("publishing %d events failed", len(outbox))
+                for delivery in handled:
+                    delivery.error = exc
+                hold_back([], handled[0])
                 return handled + failed
+        for delivery in handled:
+            clock.forget(delivery)
         return failed
 
     async def handle_batch(deliveries: list[Delivery]) -> list[Delivery]:

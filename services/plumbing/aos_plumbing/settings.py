@@ -41,6 +41,14 @@ class CommonSettings(BaseSettings):
         "batch is redelivered as if the handler had died",
     )
     consumer_batch: int = Field(default=256, alias="AOS_CONSUMER_BATCH", ge=1, le=10_000)
+    outage_give_up_s: float = Field(
+        default=300.0,
+        alias="AOS_OUTAGE_GIVE_UP_S",
+        gt=0,
+        description="how long a message whose handling fails because PostgreSQL, Redis or "
+        "NATS is down is retried before the run is ended with DEPENDENCY_UNAVAILABLE "
+        "(planner, executor); the ledger and the tracer wait for the dependency however long",
+    )
     prometheus_available: bool | None = Field(
         default=None,
         alias="PROMETHEUS_AVAILABLE",

@@ -28,6 +28,7 @@ from aos_contracts.parked import ParkedMessage
 from aos_contracts.subjects import PARKED, stream_subjects
 from aos_plumbing import metrics
 from aos_plumbing.bus import BatchHandler, Delivery, EventBus
+from aos_plumbing.outages import describe, is_outage
 from aos_tracer.projection import aware
 from aos_tracer.rows import ParkedRow, TracedEvent
 from aos_tracer.store import TraceStore
@@ -46,15 +47,25 @@ PARKED_STORED = metrics.counter(
 
 
 async def until_stored(write: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run `write` until it succeeds, backing off; see the module docstring for why."""
+    """Run `write` until it succeeds, backing off; see the module docstring for why.
+    The database being down is reported once, not with a traceback per retry."""
     delay = 0.1
+    down = False
     while True:
         try:
-            return await write()
-        except Exception:
-            log.exception("storing %s failed; retrying in %.1fs", what, delay)
+            result = await write()
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("storing %s failed; retrying in %.1fs", what, delay)
+            elif not down:
+                log.warning("storing %s: %s; retrying until it is back", what, describe(exc))
+            down = down or is_outage(exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+            continue
+        if down:
+            log.warning("stored %s: the database is back", what)
+        return result
 
 
 def event_batch_handler(store: TraceStore, context: str, stream: str) -> BatchHandler:
