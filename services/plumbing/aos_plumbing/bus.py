@@ -316,7 +316,11 @@ class EventBus:
     async def run_events(self, context: str, tenant: str, run_id: object) -> list[AnyEvent]:
         """The events of one run in one stream so far, in log order."""
         subject = run_subject(context, tenant, str(run_id), self.namespace)
-        return [event async for _, event in self._by_subject(context, subject) if event]
+        events: list[AnyEvent] = []
+        async for _, event in self._by_subject(context, subject):
+            if event is not None:
+                events.append(event)
+        return events
 
     async def run_owner(
         self, run_id: object, admitted: GoalAdmission | None = None
