@@ -83,6 +83,9 @@ def reservation_id(run_id: uuid.UUID, step_id: str, attempt: int) -> uuid.UUID:
 # (each is in its step.succeeded). No step output is larger (AOS_MAX_STEP_OUTPUT_BYTES is
 # capped at this), so a run's first sink always fits.
 RUN_OUTPUTS_MAX_BYTES = 768 * 1024
+# A step's params, resolved (they may hold several earlier outputs), travel in its
+# step.started: larger, and the step fails INPUT_INVALID before its call.
+STEP_PARAMS_MAX_BYTES = RUN_OUTPUTS_MAX_BYTES
 
 
 def json_size(value: Any) -> int:

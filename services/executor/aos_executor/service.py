@@ -23,9 +23,10 @@ Every run ends:
   run.accepted), kept in the log and the checkpoint: a run not ended by then is ended
   run.failed DEADLINE_EXCEEDED (checked at every decision, by a timer for the next
   deadline, and by a periodic sweep); the ledger then releases its reservations.
-- No event outgrows the bus: a step's output or resolved params over
-  AOS_MAX_STEP_OUTPUT_BYTES fail the step (OUTPUT_TOO_LARGE / INPUT_INVALID), and
-  run.completed carries sink outputs up to RUN_OUTPUTS_MAX_BYTES, listing the rest.
+- No event outgrows the bus: a step's output over AOS_MAX_STEP_OUTPUT_BYTES fails it
+  OUTPUT_TOO_LARGE, resolved params over STEP_PARAMS_MAX_BYTES fail it INPUT_INVALID,
+  a failure's message is cut at MAX_FAILURE_MESSAGE, and run.completed carries sink
+  outputs up to RUN_OUTPUTS_MAX_BYTES, listing the rest in omitted_outputs.
 """
 
 from __future__ import annotations
@@ -80,7 +81,14 @@ from aos_executor.idempotency import (
 from aos_executor.lease import Lease, open_lease
 from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
-from aos_executor.runs import RUN_OUTPUTS_MAX_BYTES, RunState, StepState, StepStatus, json_size
+from aos_executor.runs import (
+    RUN_OUTPUTS_MAX_BYTES,
+    STEP_PARAMS_MAX_BYTES,
+    RunState,
+    StepState,
+    StepStatus,
+    json_size,
+)
 from aos_executor.settings import ExecutorSettings
 from aos_executor.skills import (
     Skill,
@@ -435,14 +443,13 @@ class ExecutorService:
                 )
             resolved = resolve(step.step.params, state.inputs, state.outputs())
             size = json_size(resolved)
-            if size > self.settings.max_step_output_bytes:
+            if size > STEP_PARAMS_MAX_BYTES:
                 # Left out of step.started too: they would not fit in it.
                 raise SkillError(
                     Failure.of(
                         FailureCode.INPUT_INVALID,
                         f"step {step.step.id!r}: its params, resolved, are {size} bytes of "
-                        f"JSON, over the limit of {self.settings.max_step_output_bytes} "
-                        "(AOS_MAX_STEP_OUTPUT_BYTES)",
+                        f"JSON, over the limit of {STEP_PARAMS_MAX_BYTES}",
                     )
                 )
             params = resolved

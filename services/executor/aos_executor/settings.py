@@ -59,8 +59,8 @@ class ExecutorSettings(CommonSettings):
         alias="AOS_MAX_STEP_OUTPUT_BYTES",
         ge=1024,
         le=RUN_OUTPUTS_MAX_BYTES,
-        description="a step whose output (or resolved params) is larger as JSON fails with "
-        "OUTPUT_TOO_LARGE (or INPUT_INVALID); keeps every event under NATS' 1 MiB max payload",
+        description="a step whose output is larger as JSON fails with OUTPUT_TOO_LARGE "
+        "(not retryable); at most 768 KiB, so step.succeeded stays under NATS' 1 MiB",
     )
 
     # --- skills: which backends (docs/SKILLS.md) ---------------------------------------
