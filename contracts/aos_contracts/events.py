@@ -43,6 +43,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# The longest deadline a goal may ask for (a week): no run stays open longer than this.
+MAX_RUN_DEADLINE_S = 7 * 24 * 3600.0
+
+
 class TraceContext(BaseModel):
     """W3C trace context, carried so a run can be followed across services."""
 
@@ -128,6 +132,11 @@ class GoalSubmitted(EventEnvelope):
         description="plan this run with the recorded plan of an earlier run of the same "
         "tenant (validated and estimated again), instead of asking the planning backend",
     )
+    deadline_s: Annotated[float, Field(gt=0, le=MAX_RUN_DEADLINE_S)] | None = Field(
+        default=None,
+        description="the run must end within this many seconds of the goal, or it is ended "
+        "run.failed DEADLINE_EXCEEDED; unset: the executor's AOS_RUN_DEADLINE_S",
+    )
 
     @field_validator("goal")
     @classmethod
@@ -155,6 +164,11 @@ class RunAccepted(EventEnvelope):
     budget_cents: int
     inputs: dict[str, Any] = Field(default_factory=dict)
     planner_backend: str
+    deadline_at: datetime | None = Field(
+        default=None,
+        description="when the executor ends the run if it has not ended (the goal's "
+        "deadline_s); None: the executor's default deadline applies",
+    )
 
 
 class PlanningReservationRequested(EventEnvelope):
@@ -205,6 +219,11 @@ class PlanCreated(EventEnvelope):
     )
     reused_plan_of: uuid.UUID | None = Field(
         default=None, description="the earlier run whose recorded plan this is"
+    )
+    deadline_at: datetime | None = Field(
+        default=None,
+        description="when the executor ends the run if it has not ended (the goal's "
+        "deadline_s); None: the executor's default deadline applies",
     )
 
 
@@ -294,6 +313,11 @@ class RunCompleted(EventEnvelope):
     cost_cents: int = 0
     skipped_steps: list[str] = Field(
         default_factory=list, description="optional steps the budget did not allow"
+    )
+    omitted_outputs: list[str] = Field(
+        default_factory=list,
+        description="sinks whose output did not fit in this event with the others (the bus "
+        "limits an event's size): each is in its step's step.succeeded",
     )
 
 

@@ -62,7 +62,7 @@ class HttpCallParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: Annotated[str, Field(min_length=1)]
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     query: dict[str, str] = Field(default_factory=dict)
     json_body: Any = None
@@ -71,6 +71,23 @@ class HttpCallParams(BaseModel):
     max_bytes: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="refuse a response body larger than this (default: executor's)"
     )
+    idempotent: bool = Field(
+        default=False,
+        description="the server deduplicates this POST or PATCH by its Idempotency-Key "
+        "header, so making the call again is safe (GET, HEAD, PUT, DELETE and OPTIONS are "
+        "safe to repeat anyway)",
+    )
+
+
+# Methods whose repetition has the effect of one call (RFC 9110, 9.2.2).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+def http_call_retry_safe(params: dict[str, Any]) -> bool:
+    """An http_call may be made again when its method is idempotent, or when the step
+    says the server deduplicates it by Idempotency-Key."""
+    method = str(params.get("method", "GET")).upper()
+    return method in IDEMPOTENT_METHODS or params.get("idempotent") is True
 
 
 class HttpCallOutput(BaseModel):
@@ -147,6 +164,16 @@ class SkillContract:
     estimate_cents: Callable[[dict[str, Any]], int]
     # The output when it is an object with fixed fields; None: any JSON value.
     output_model: type[BaseModel] | None = None
+    # For an unsafe skill: which params make a call safe to make again after all.
+    retry_safe_when: Callable[[dict[str, Any]], bool] | None = None
+
+    def retry_safe(self, params: dict[str, Any]) -> bool:
+        """Whether a call with `params` may be made again when its outcome is unknown (the
+        executor died mid-call): pure and idempotent skills always, an unsafe one only
+        when its params say so."""
+        if self.side_effect is not SideEffect.UNSAFE:
+            return True
+        return self.retry_safe_when is not None and self.retry_safe_when(params)
 
     @property
     def output_fields(self) -> frozenset[str] | None:
@@ -195,6 +222,7 @@ SKILL_CONTRACTS: dict[str, SkillContract] = {
             max_attempts=3,
             estimate_cents=_free,
             output_model=HttpCallOutput,
+            retry_safe_when=http_call_retry_safe,
         ),
     )
 }

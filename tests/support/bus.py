@@ -73,6 +73,7 @@ async def submit_goal(
     tenant: str = "acme",
     budget_cents: int = 100,
     inputs: dict[str, Any] | None = None,
+    deadline_s: float | None = None,
 ) -> str:
     goal = GoalSubmitted(
         run_id=uuid.uuid4(),
@@ -80,6 +81,7 @@ async def submit_goal(
         goal=text,
         budget_cents=budget_cents,
         inputs=inputs or {},
+        deadline_s=deadline_s,
     )
     await nc.jetstream().publish(
         goal_subject(tenant, goal.run_id, namespace),

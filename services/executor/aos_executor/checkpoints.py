@@ -17,12 +17,19 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import asyncpg
 
 from aos_contracts.codec import EventDecodeError
-from aos_contracts.events import AnyEvent, PlanCreated, PlanRejected, RunCancelRequested
+from aos_contracts.events import (
+    AnyEvent,
+    PlanCreated,
+    PlanRejected,
+    RunAccepted,
+    RunCancelRequested,
+)
 from aos_contracts.failures import Failure
 from aos_contracts.plans import Plan, PlanStep
 from aos_executor.runs import RunState, StepState, StepStatus
@@ -31,7 +38,11 @@ from aos_plumbing.bus import decode_placed
 CONTEXTS = ("plans", "runs", "budget", "goals")
 
 # Events that create a run in the executor's memory; others for an unknown run wait.
-OPENING = (PlanCreated, PlanRejected, RunCancelRequested)
+# run.accepted opens it before its plan, so that a run whose plan never comes (a stuck
+# planner) still ends by its deadline.
+OPENING = (RunAccepted, PlanCreated, PlanRejected, RunCancelRequested)
+# The planner's events: they name the run's tenant for good.
+_FROM_PLANNER = (RunAccepted, PlanCreated, PlanRejected)
 
 
 @dataclass
@@ -46,10 +57,11 @@ class Book:
             return None
         state = self.runs.get(event.run_id)
         if state is not None and event.tenant != state.tenant:
-            # A run belongs to the tenant of its plan. Anything that arrived before the
-            # plan under another tenant's name (a cancel naming someone else's run id)
-            # is void; any later event from another tenant is ignored.
-            if isinstance(event, (PlanCreated, PlanRejected)) and state.plan is None:
+            # A run belongs to the tenant the planner names (run.accepted, its plan).
+            # Anything that arrived before under another tenant's name (a cancel naming
+            # someone else's run id) is void; any later event from another tenant is
+            # ignored.
+            if isinstance(event, _FROM_PLANNER) and state.opened_at is None:
                 state = None
                 del self.runs[event.run_id]
             else:
@@ -236,6 +248,8 @@ def run_to_dict(state: RunState) -> dict[str, Any]:
         "cancel_reason": state.cancel_reason,
         "terminal": state.terminal,
         "planning_cost_cents": state.planning_cost_cents,
+        "opened_at": _iso(state.opened_at),
+        "deadline_at": _iso(state.deadline_at),
     }
 
 
@@ -260,6 +274,11 @@ def run_from_dict(data: dict[str, Any]) -> RunState:
     state.cancel_reason = data.get("cancel_reason")
     state.terminal = data.get("terminal")
     state.planning_cost_cents = int(data.get("planning_cost_cents", 0))
+    state.opened_at = _datetime(data.get("opened_at"))
+    if state.opened_at is None and (state.plan is not None or state.rejection is not None):
+        # Saved before runs had deadlines: the default deadline counts from now.
+        state.opened_at = datetime.now(UTC)
+    state.deadline_at = _datetime(data.get("deadline_at"))
     return state
 
 
@@ -269,3 +288,11 @@ def _str(value: uuid.UUID | None) -> str | None:
 
 def _uuid(value: str | None) -> uuid.UUID | None:
     return None if value is None else uuid.UUID(value)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _datetime(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)

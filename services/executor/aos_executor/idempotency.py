@@ -12,6 +12,11 @@ the same for every attempt) in Redis with a TTL:
   long an unknown outcome blocks a run).
 
 A call that fails with a known outcome releases its claim, so a retry may call again.
+A step whose executor died mid-call is settled by `lookup` (never by a new claim): its
+recorded result if there is one, else the step fails STEP_INTERRUPTED (see service.py).
+
+Retry-safe calls (pure and idempotent skills, an http_call GET) take no claim: calling
+them again is harmless, and a claim left by a dead executor would only delay them.
 The checkpoint and the log stay the durable record; an expired key only means a resumed
 run cannot find a result that the log, if it got that far, already has.
 """
@@ -40,6 +45,11 @@ class IdempotencyStore(Protocol):
     async def claim(self, key: str, ttl_s: float) -> Claim: ...
 
     async def complete(self, key: str, result: dict[str, Any], ttl_s: float) -> None: ...
+
+    async def lookup(self, key: str) -> Claim | None:
+        """What the key holds, claiming nothing: `done` with the result, `in_flight`, or
+        None (never claimed, released, or expired)."""
+        ...
 
     async def release(self, key: str) -> None: ...
 
@@ -83,6 +93,10 @@ class RedisIdempotencyStore:
     async def complete(self, key: str, result: dict[str, Any], ttl_s: float) -> None:
         await self.redis.set(self.prefix + key, "done:" + json.dumps(result), px=int(ttl_s * 1000))
 
+    async def lookup(self, key: str) -> Claim | None:
+        value = await self.redis.get(self.prefix + key)
+        return None if value is None else _claim_of(_text(value))
+
     async def release(self, key: str) -> None:
         # Only a claim is released; a recorded result stays.
         value = await self.redis.get(self.prefix + key)
@@ -123,6 +137,10 @@ class InMemoryIdempotencyStore:
     async def complete(self, key: str, result: dict[str, Any], ttl_s: float) -> None:
         self._values[key] = ("done:" + json.dumps(result), time.monotonic() + ttl_s)
 
+    async def lookup(self, key: str) -> Claim | None:
+        value = self._get(key)
+        return None if value is None else _claim_of(value)
+
     async def release(self, key: str) -> None:
         value = self._get(key)
         if value is not None and not value.startswith("done:"):
@@ -133,6 +151,12 @@ class InMemoryIdempotencyStore:
 
     async def close(self) -> None:
         return None
+
+
+def _claim_of(value: str) -> Claim:
+    if value.startswith("done:"):
+        return Claim("done", json.loads(value[5:]))
+    return Claim("in_flight")
 
 
 def _text(value: bytes | str) -> str:

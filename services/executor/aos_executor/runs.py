@@ -13,8 +13,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+
+from pydantic_core import to_json
 
 from aos_contracts.events import (
     AnyEvent,
@@ -24,6 +27,7 @@ from aos_contracts.events import (
     EventEnvelope,
     PlanCreated,
     PlanRejected,
+    RunAccepted,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -33,7 +37,7 @@ from aos_contracts.events import (
     StepSucceeded,
     derive_event_id,
 )
-from aos_contracts.failures import Failure
+from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.plans import Plan, PlanStep
 from aos_contracts.skills import SKILL_CONTRACTS
 from aos_executor.references import UnresolvedReference, resolve
@@ -44,6 +48,9 @@ class StepStatus(StrEnum):
     RESERVING = "reserving"  # budget.reservation_requested published
     RESERVED = "reserved"  # the ledger said yes: may start
     RUNNING = "running"  # step.started published, result not yet
+    # step.started is in the log but no result, and no call runs in this process (the
+    # executor that made it died): settled by the skill's safety, see `may_call_again`
+    INTERRUPTED = "interrupted"
     BACKOFF = "backoff"  # failed retryably, waiting before the next attempt
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # failed for good (non-retryable or out of attempts)
@@ -71,6 +78,21 @@ def reservation_id(run_id: uuid.UUID, step_id: str, attempt: int) -> uuid.UUID:
     return derive_event_id(run_id, f"reservation/{step_id}/{attempt}")
 
 
+# What run.completed may carry of its sinks' outputs, in total: with the envelope it stays
+# under NATS' default max payload of 1 MiB. Outputs past it are listed in omitted_outputs
+# (each is in its step.succeeded). No step output is larger (AOS_MAX_STEP_OUTPUT_BYTES is
+# capped at this), so a run's first sink always fits.
+RUN_OUTPUTS_MAX_BYTES = 768 * 1024
+# A step's params, resolved (they may hold several earlier outputs), travel in its
+# step.started: larger, and the step fails INPUT_INVALID before its call.
+STEP_PARAMS_MAX_BYTES = RUN_OUTPUTS_MAX_BYTES
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as the codec encodes it (compact JSON, UTF-8)."""
+    return len(to_json(value))
+
+
 @dataclass
 class RunState:
     run_id: uuid.UUID
@@ -84,10 +106,19 @@ class RunState:
     cancel_reason: str | None = None
     terminal: str | None = None  # the type of the terminal event once published
     planning_cost_cents: int = 0  # the planner's model calls, charged to the run too
+    # When the planner first told of the run (run.accepted, else its plan): the default
+    # deadline counts from here. None: known only from a cancel, no deadline yet.
+    opened_at: datetime | None = None
+    deadline_at: datetime | None = None  # the goal's own deadline, if it set one
 
     # --- folding ---------------------------------------------------------------------
 
     def apply(self, event: AnyEvent) -> None:
+        if isinstance(event, (RunAccepted, PlanCreated, PlanRejected)):
+            self.opened_at = self.opened_at or event.occurred_at
+            self.correlation_id = self.correlation_id or event.correlation_id
+            if not isinstance(event, PlanRejected):
+                self.deadline_at = self.deadline_at or event.deadline_at
         if isinstance(event, PlanCreated):
             if self.plan is None:
                 self.plan = event.plan
@@ -143,6 +174,7 @@ class RunState:
                     StepStatus.PENDING,
                     StepStatus.RESERVING,
                     StepStatus.RESERVED,
+                    StepStatus.INTERRUPTED,
                 )
             ):
                 state.status = StepStatus.RUNNING
@@ -187,7 +219,68 @@ class RunState:
                     f"{reason.message}",
                 )
 
+    def interrupt_running(self) -> list[StepState]:
+        """After a rebuild from the log: every step the log shows started without a result
+        was cut off mid-call by the executor that died; mark it to be settled."""
+        interrupted = [s for s in self.steps.values() if s.status is StepStatus.RUNNING]
+        for state in interrupted:
+            state.status = StepStatus.INTERRUPTED
+        return interrupted
+
     # --- deciding --------------------------------------------------------------------
+
+    def deadline(self, default_s: float) -> datetime | None:
+        """When the run must have ended: the goal's deadline, else `default_s` after the
+        planner first told of it; None for a run the planner has not told of."""
+        if self.deadline_at is not None:
+            return self.deadline_at
+        if self.opened_at is None:
+            return None
+        return self.opened_at + timedelta(seconds=default_s)
+
+    def past_deadline(self, now: datetime, default_s: float) -> bool:
+        deadline = self.deadline(default_s)
+        return self.terminal is None and deadline is not None and now >= deadline
+
+    def deadline_exceeded(self, default_s: float) -> RunFailed:
+        """The end of a run that did not end by its deadline."""
+        deadline = self.deadline(default_s)
+        where = "before its plan" if self.plan is None else "with steps unfinished"
+        error = Failure.of(
+            FailureCode.DEADLINE_EXCEEDED,
+            f"the run did not end by its deadline {deadline.isoformat() if deadline else '?'} "
+            f"({where}); ended and its reservations released",
+        )
+        unfinished = [s.step.id for s in self.steps.values() if s.status not in _DONE]
+        failed = self._terminal(
+            RunFailed, error=error, failed_step_id=unfinished[0] if unfinished else None
+        )
+        assert isinstance(failed, RunFailed)
+        return failed
+
+    def may_call_again(self, state: StepState) -> bool:
+        """Whether an interrupted step's call may be made again: its skill's declared
+        safety, refined by its params (an http_call GET may, a POST may not unless the
+        step declares the server deduplicates it)."""
+        contract = SKILL_CONTRACTS.get(state.step.skill)
+        if contract is None:
+            return True  # no skill, no call: the attempt fails with SKILL_UNKNOWN
+        return contract.retry_safe(self.resolved_params_or_raw(state))
+
+    def interrupted_failure(self, state: StepState) -> StepFailed:
+        failed: StepFailed = self.step_event(
+            StepFailed,
+            state,
+            "result",
+            error=Failure.of(
+                FailureCode.STEP_INTERRUPTED,
+                f"step {state.step.id!r} ({state.step.skill}) attempt {state.attempt} was cut "
+                "off mid-call (the executor stopped) and may have had its effect; it is not "
+                "safe to call again, so it is not",
+            ),
+            will_retry=False,
+        )
+        return failed
 
     @property
     def cost_cents(self) -> int:
@@ -220,12 +313,13 @@ class RunState:
                 ], []
         finished = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
         if all(state.status in finished for state in self.steps.values()):
-            outputs = self.outputs()
-            sinks = {
-                step_id: outputs[step_id] for step_id in self.plan.sinks() if step_id in outputs
-            }
+            sinks, omitted = self._sink_outputs()
             skipped = [s.step.id for s in self.steps.values() if s.status is StepStatus.SKIPPED]
-            return [self._terminal(RunCompleted, outputs=sinks, skipped_steps=skipped)], []
+            return [
+                self._terminal(
+                    RunCompleted, outputs=sinks, skipped_steps=skipped, omitted_outputs=omitted
+                )
+            ], []
         events: list[EventEnvelope] = []
         startable: list[StepState] = []
         for state in self.steps.values():
@@ -233,9 +327,27 @@ class RunState:
                 continue
             if state.status is StepStatus.PENDING:
                 events.append(self._reservation_request(state))
-            elif state.status is StepStatus.RESERVED:
+            elif state.status in (StepStatus.RESERVED, StepStatus.INTERRUPTED):
                 startable.append(state)
         return events, startable
+
+    def _sink_outputs(self) -> tuple[dict[str, Any], list[str]]:
+        """The sinks' outputs that fit in run.completed (in plan order), and the others."""
+        assert self.plan is not None
+        outputs = self.outputs()
+        sinks: dict[str, Any] = {}
+        omitted: list[str] = []
+        total = 0
+        for step_id in self.plan.sinks():
+            if step_id not in outputs:
+                continue
+            size = json_size(outputs[step_id])
+            if total + size > RUN_OUTPUTS_MAX_BYTES:
+                omitted.append(step_id)
+                continue
+            total += size
+            sinks[step_id] = outputs[step_id]
+        return sinks, omitted
 
     def _dependencies_met(self, state: StepState) -> bool:
         return all(self.steps[dep].status is StepStatus.SUCCEEDED for dep in state.step.depends_on)
@@ -308,7 +420,9 @@ _OPEN = (
     StepStatus.RESERVING,
     StepStatus.RESERVED,
     StepStatus.RUNNING,
+    StepStatus.INTERRUPTED,
 )
+_DONE = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
 
 
 def _is_current_or_later(state: StepState, attempt: int) -> bool:

@@ -1,19 +1,32 @@
 """The executor service: runs plans step by step, each step only after the ledger said yes.
 
-Inputs: plan.created / plan.rejected (plans), budget.reserved / budget.denied (budget),
-run.cancel_requested (goals). Outputs, on its own stream: budget.reservation_requested,
-step.started, step.succeeded / step.failed, run.completed / run.failed / run.cancelled.
+Inputs: run.accepted / plan.created / plan.rejected (plans), budget.reserved /
+budget.denied (budget), run.cancel_requested (goals). Outputs, on its own stream:
+budget.reservation_requested, step.started, step.succeeded / step.failed, run.completed /
+run.failed / run.cancelled.
 
-State lives in memory and is rebuilt at start by replaying the log (plans, its own
-runs stream, budget decisions, cancellations); then every unfinished run is driven
-again. Because decisions are level-triggered and their event ids deterministic (see
-runs.py), a restart at any instant resumes each run where the log says it is: no step
-that completed runs again (its result is in the log), no step is lost.
+State lives in memory, rebuilt at start from the last Postgres checkpoint plus the log
+after it (checkpoints.py); then every unfinished run is driven again. Because decisions
+are level-triggered and their event ids deterministic (see runs.py), a restart at any
+instant resumes each run where the log says it is: no step that completed runs again
+(its result is in the log), no step is lost. One executor is active at a time (a Redis
+lease, lease.py); others wait as standbys.
 
-Walking-skeleton limits (issue 5 lifts them): the replay reads the whole log (no
-Postgres checkpoint yet), a step interrupted mid-call is called again (fine for pure and
-idempotent skills; unsafe ones need the Redis idempotency claim), and one executor
-replica runs at a time.
+Every run ends:
+- A step the log shows started, with no result, was cut off mid-call by an executor that
+  died. It is settled by its skill's declared safety (`SkillContract.retry_safe`): a
+  retry-safe call is made again, same attempt (an http_call carries the same
+  Idempotency-Key); any other takes its result from the Redis idempotency claim if the
+  dead executor recorded one, else fails STEP_INTERRUPTED (not retryable). A claim still
+  in flight is waited out, at most its TTL.
+- Every run has a deadline (the goal's deadline_s, else AOS_RUN_DEADLINE_S after
+  run.accepted), kept in the log and the checkpoint: a run not ended by then is ended
+  run.failed DEADLINE_EXCEEDED (checked at every decision, by a timer for the next
+  deadline, and by a periodic sweep); the ledger then releases its reservations.
+- No event outgrows the bus: a step's output over AOS_MAX_STEP_OUTPUT_BYTES fails it
+  OUTPUT_TOO_LARGE, resolved params over STEP_PARAMS_MAX_BYTES fail it INPUT_INVALID,
+  a failure's message is cut at MAX_FAILURE_MESSAGE, and run.completed carries sink
+  outputs up to RUN_OUTPUTS_MAX_BYTES, listing the rest in omitted_outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import suppress
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -43,10 +58,11 @@ from aos_contracts.events import (
     StepSucceeded,
     StepTelemetry,
     type_names,
+    utc_now,
 )
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.progress import StepProgress, progress_subject
-from aos_contracts.skills import SideEffect
+from aos_contracts.skills import SKILL_CONTRACTS, SideEffect
 from aos_executor.cancel_auth import cancel_refusal, is_refused_cancel
 from aos_executor.checkpoints import (
     OPENING,
@@ -57,6 +73,7 @@ from aos_executor.checkpoints import (
     open_store,
 )
 from aos_executor.idempotency import (
+    Claim,
     IdempotencyStore,
     InMemoryIdempotencyStore,
     RedisIdempotencyStore,
@@ -64,7 +81,14 @@ from aos_executor.idempotency import (
 from aos_executor.lease import Lease, open_lease
 from aos_executor.references import UnresolvedReference, resolve
 from aos_executor.replay import replay
-from aos_executor.runs import RunState, StepState, StepStatus
+from aos_executor.runs import (
+    RUN_OUTPUTS_MAX_BYTES,
+    STEP_PARAMS_MAX_BYTES,
+    RunState,
+    StepState,
+    StepStatus,
+    json_size,
+)
 from aos_executor.settings import ExecutorSettings
 from aos_executor.skills import (
     Skill,
@@ -99,6 +123,11 @@ ACTIVE_RUNS = metrics.gauge("aos_executor_active_runs", "runs in progress in thi
 _RELEVANT = (*OPENING, BudgetReserved, BudgetDenied)
 # An unsafe call's claim outlives its timeout by this much, so a live call never loses it.
 CLAIM_MARGIN_S = 5.0
+# A failure's message is for people; a skill that puts a whole response in it must not
+# push step.failed over the bus's max payload.
+MAX_FAILURE_MESSAGE = 4096
+# What an event needs besides a step's output or run.completed's outputs.
+ENVELOPE_ROOM = 64 * 1024
 
 
 class ExecutorService:
@@ -121,6 +150,9 @@ class ExecutorService:
         self.locks: dict[uuid.UUID, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.backoffs: set[tuple[uuid.UUID, str]] = set()
+        self.deadline_task: asyncio.Task[None] | None = None
+        self.deadline_wake = asyncio.Event()
+        self.next_deadline: datetime | None = None
         self.bus: EventBus | None = None
         self.consumers: list[LogConsumer] = []
         self.running = False
@@ -198,6 +230,7 @@ class ExecutorService:
         for state in list(self.runs.values()):
             async with self._lock(state.run_id):
                 await self._drive(state)
+        self.deadline_task = asyncio.create_task(self._end_overdue_runs(), name="deadlines")
         if not isinstance(self.checkpoints, NoCheckpoints):
             self.checkpoint_task = asyncio.create_task(self._checkpoint_periodically())
 
@@ -211,8 +244,9 @@ class ExecutorService:
             # In-flight steps get a grace period to finish and publish their results;
             # what does not finish is resumed from the log by the next executor.
             await asyncio.wait(self.tasks, timeout=10.0)
-        if self.checkpoint_task:
-            self.checkpoint_task.cancel()
+        for task in (self.checkpoint_task, self.deadline_task):
+            if task is not None:
+                task.cancel()
         await self.http.stop()
         await close_registry(self.skills)
         if self.bus:
@@ -234,13 +268,25 @@ class ExecutorService:
         await self.checkpoints.save(checkpoint)
         self.book = checkpoint.book
         self.runs, self.finished = self.book.runs, self.book.finished
+        # No call runs in this process yet: a step the log shows started without a result
+        # was cut off by the executor that died; _drive settles it.
+        interrupted = sum(len(state.interrupt_running()) for state in self.runs.values())
         log.info(
-            "executor rebuilt: checkpoint %s + %d events: %d runs in progress",
+            "executor rebuilt: checkpoint %s + %d events: %d runs in progress, %d steps "
+            "interrupted mid-call",
             checkpoint.seqs,
             count,
             len(self.runs),
+            interrupted,
         )
         ACTIVE_RUNS.set(len(self.runs))
+        max_payload = int(getattr(self.bus.nc, "max_payload", 0) or 0)
+        if max_payload and max_payload < RUN_OUTPUTS_MAX_BYTES + ENVELOPE_ROOM:
+            log.error(
+                "NATS max_payload is %d bytes: run.completed may need %d; raise max_payload",
+                max_payload,
+                RUN_OUTPUTS_MAX_BYTES + ENVELOPE_ROOM,
+            )
 
     async def _read_log(
         self, context: str, start_seq: int
@@ -308,6 +354,7 @@ class ExecutorService:
         async with self._lock(event.run_id):
             state = self._fold(event)
             if state is not None:
+                self._note_deadline(state)
                 await self._drive(state)
 
     async def give_up(self, delivery: Delivery, exc: BaseException) -> None:
@@ -336,12 +383,23 @@ class ExecutorService:
         Called with the run's lock held."""
         assert self.bus is not None
         while not state.terminal:
+            if state.past_deadline(utc_now(), self.settings.run_deadline_s):
+                ended = [state.deadline_exceeded(self.settings.run_deadline_s)]
+                log.warning("run %s: past its deadline; ending it", state.run_id)
+                await self.bus.publish_all(ended)
+                self._applied(state, ended)
+                return
             events, startable = state.next_actions()
             for step in startable:
                 # Claimed in memory now; the log learns it from step.started. If we die
                 # before that, the replay finds the step reserved and starts it again.
+                interrupted = step.status is StepStatus.INTERRUPTED
                 step.status = StepStatus.RUNNING
-                self._spawn(self._execute(state, step))
+                self._spawn(
+                    self._settle_interrupted(state, step)
+                    if interrupted
+                    else self._execute(state, step)
+                )
             for step in state.steps.values():
                 if (
                     step.status is StepStatus.BACKOFF
@@ -353,6 +411,40 @@ class ExecutorService:
                 return
             await self.bus.publish_all(events)
             self._applied(state, events)
+
+    def _note_deadline(self, state: RunState) -> None:
+        """Wake the deadline timer when a run's deadline is earlier than the next one."""
+        deadline = state.deadline(self.settings.run_deadline_s)
+        if deadline is not None and (self.next_deadline is None or deadline < self.next_deadline):
+            self.next_deadline = deadline
+            self.deadline_wake.set()
+
+    async def _end_overdue_runs(self) -> None:
+        """End every run past its deadline: at the next deadline known, and at least every
+        AOS_DEADLINE_SWEEP_S (the sweep also catches what a timer could miss)."""
+        default_s = self.settings.run_deadline_s
+        while self.running:
+            now = utc_now()
+            upcoming: datetime | None = None
+            for state in list(self.runs.values()):
+                deadline = state.deadline(default_s)
+                if deadline is None or state.terminal:
+                    continue
+                if deadline > now:
+                    upcoming = deadline if upcoming is None else min(upcoming, deadline)
+                    continue
+                try:
+                    async with self._lock(state.run_id):
+                        await self._drive(state)
+                except Exception:
+                    log.exception("run %s: ending it at its deadline failed", state.run_id)
+            self.next_deadline = upcoming
+            wait_s = self.settings.deadline_sweep_s
+            if upcoming is not None:
+                wait_s = min(wait_s, max(0.0, (upcoming - utc_now()).total_seconds()))
+            self.deadline_wake.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.deadline_wake.wait(), timeout=wait_s + 0.01)
 
     def _applied(self, state: RunState, events: Sequence[EventEnvelope]) -> None:
         for event in events:
@@ -369,25 +461,37 @@ class ExecutorService:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _execute(self, state: RunState, step: StepState) -> None:
+    async def _execute(self, state: RunState, step: StepState, *, resumed: bool = False) -> None:
+        """One attempt of a step: call its skill, publish its result. `resumed`: the call
+        is made again after an interruption, and step.started is in the log already."""
         skill = self.skills.get(step.step.skill)
         started_at = time.perf_counter()
         params: dict[str, Any] = {}
         result: SkillResult | None = None
         failure: Failure | None = None
         telemetry: StepTelemetry | None = None
-        started_published = False
+        started_published = resumed
         try:
             if skill is None:
                 raise SkillError(
                     Failure.of(FailureCode.SKILL_UNKNOWN, f"no skill {step.step.skill!r}")
                 )
             resolved = resolve(step.step.params, state.inputs, state.outputs())
+            size = json_size(resolved)
+            if size > STEP_PARAMS_MAX_BYTES:
+                # Left out of step.started too: they would not fit in it.
+                raise SkillError(
+                    Failure.of(
+                        FailureCode.INPUT_INVALID,
+                        f"step {step.step.id!r}: its params, resolved, are {size} bytes of "
+                        f"JSON, over the limit of {STEP_PARAMS_MAX_BYTES}",
+                    )
+                )
             params = resolved
             validated = skill.contract.params_model.model_validate(resolved)
             started = state.step_event(StepStarted, step, "started", params=params)
             pure = skill.contract.side_effect is SideEffect.PURE
-            if not pure:
+            if not pure and not started_published:
                 # Before an effect leaves the process, the log must say it started.
                 await self._publish_until_done([started])
                 started_published = True
@@ -397,7 +501,7 @@ class ExecutorService:
                 skill,
                 validated,
                 self._skill_context(state, step),
-                key=f"{state.run_id}:{step.step.id}",
+                key=_claim_key(state, step),
                 limit_s=timeout,
             )
         except SkillError as exc:
@@ -415,53 +519,146 @@ class ExecutorService:
             log.exception("skill %s crashed", step.step.skill)
             failure = Failure.of(FailureCode.SKILL_ERROR, f"{type(exc).__name__}: {exc}")
         elapsed = time.perf_counter() - started_at
-        duration_ms = round(elapsed * 1000, 3)
-        skill_name = step.step.skill
-        STEP_SECONDS.labels(skill_name).observe(elapsed)
+        STEP_SECONDS.labels(step.step.skill).observe(elapsed)
         out: list[EventEnvelope] = []
         if not started_published:
             # Pure steps publish step.started together with their result (one round trip
             # fewer; nothing left the process in between), and so does a step that
             # failed before its call, so the timeline still shows the attempt.
             out.append(state.step_event(StepStarted, step, "started", params=params))
+        out.append(
+            self._outcome(
+                state,
+                step,
+                result,
+                failure,
+                telemetry,
+                duration_ms=round(elapsed * 1000, 3),
+                is_stub=bool(skill and skill.is_stub),
+            )
+        )
+        await self._conclude(state, out)
+
+    def _outcome(
+        self,
+        state: RunState,
+        step: StepState,
+        result: SkillResult | None,
+        failure: Failure | None,
+        telemetry: StepTelemetry | None,
+        *,
+        duration_ms: float,
+        is_stub: bool,
+    ) -> EventEnvelope:
+        """step.succeeded, or step.failed (retrying or not): an output over the limit
+        fails the step, so that no event outgrows the bus."""
+        skill_name = step.step.skill
+        cost_cents = 0
         if result is not None:
-            STEPS.labels(skill_name, "succeeded").inc()
-            out.append(
-                state.step_event(
+            size = json_size(result.output)
+            limit = self.settings.max_step_output_bytes
+            if size <= limit:
+                STEPS.labels(skill_name, "succeeded").inc()
+                succeeded: EventEnvelope = state.step_event(
                     StepSucceeded,
                     step,
                     "result",
                     output=result.output,
                     cost_cents=result.cost_cents,
                     duration_ms=duration_ms,
-                    is_stub=bool(skill and skill.is_stub),
+                    is_stub=is_stub,
                     telemetry=result.telemetry,
                 )
+                return succeeded
+            failure = Failure.of(
+                FailureCode.OUTPUT_TOO_LARGE,
+                f"step {step.step.id!r} ({skill_name}) output is {size} bytes of JSON, over "
+                f"the limit of {limit} (AOS_MAX_STEP_OUTPUT_BYTES)",
             )
-        else:
-            assert failure is not None
-            will_retry = failure.retryable and step.attempt < step.max_attempts
-            STEPS.labels(skill_name, "retrying" if will_retry else "failed").inc()
-            out.append(
-                state.step_event(
-                    StepFailed,
-                    step,
-                    "result",
-                    error=failure,
-                    will_retry=will_retry,
-                    duration_ms=duration_ms,
-                    telemetry=telemetry,
-                )
+            telemetry, cost_cents = result.telemetry, result.cost_cents
+        assert failure is not None
+        if len(failure.message) > MAX_FAILURE_MESSAGE:
+            failure = failure.model_copy(
+                update={"message": failure.message[:MAX_FAILURE_MESSAGE] + " [cut]"}
             )
+        will_retry = failure.retryable and step.attempt < step.max_attempts
+        STEPS.labels(skill_name, "retrying" if will_retry else "failed").inc()
+        failed: EventEnvelope = state.step_event(
+            StepFailed,
+            step,
+            "result",
+            error=failure,
+            will_retry=will_retry,
+            cost_cents=cost_cents,
+            duration_ms=duration_ms,
+            telemetry=telemetry,
+        )
+        return failed
+
+    async def _conclude(self, state: RunState, out: list[EventEnvelope]) -> None:
+        """Apply a step's result and publish it with what it unlocks (the next
+        reservations, or the run's end) in one round trip."""
         async with self._lock(state.run_id):
             for event in out:
                 state.apply(event)  # type: ignore[arg-type]
-            # The result and what it unlocks (the next reservations, or the run's end)
-            # go out in one round trip.
             follow_up, _ = state.next_actions()
             await self._publish_until_done([*out, *follow_up])
             self._applied(state, follow_up)
             await self._drive(state)
+
+    async def _settle_interrupted(self, state: RunState, step: StepState) -> None:
+        """Settle a step cut off mid-call by an executor that died: a retry-safe call is
+        made again (same attempt, same Idempotency-Key); any other takes the result the
+        dead executor recorded in its idempotency claim, or fails STEP_INTERRUPTED."""
+        if state.may_call_again(step):
+            log.info(
+                "run %s: step %r attempt %d was interrupted mid-call; retry-safe, calling again",
+                state.run_id,
+                step.step.id,
+                step.attempt,
+            )
+            await self._execute(state, step, resumed=True)
+            return
+        contract = SKILL_CONTRACTS[step.step.skill]
+        recorded = await self._recorded_result(
+            _claim_key(state, step), step.step.timeout_s or contract.timeout_s
+        )
+        if recorded is None:
+            log.warning(
+                "run %s: step %r attempt %d was interrupted mid-call and is not safe to call "
+                "again: STEP_INTERRUPTED",
+                state.run_id,
+                step.step.id,
+                step.attempt,
+            )
+            STEPS.labels(step.step.skill, "interrupted").inc()
+            settled: EventEnvelope = state.interrupted_failure(step)
+        else:
+            result = SkillResult(recorded.get("output"), int(recorded.get("cost_cents", 0)))
+            settled = self._outcome(state, step, result, None, None, duration_ms=0.0, is_stub=False)
+        await self._conclude(state, [settled])
+
+    async def _recorded_result(self, key: str, limit_s: float) -> dict[str, Any] | None:
+        """The result the idempotency claim recorded for an interrupted call, or None.
+
+        A claim still in flight belongs to the executor that died (or to one that lost
+        the lease and is finishing its call): it is waited out, but never longer than a
+        claim lives (the call's limit plus a margin), and Redis not answering counts as
+        nothing recorded once that time is up."""
+        deadline = time.monotonic() + limit_s + 2 * CLAIM_MARGIN_S
+        while True:
+            try:
+                claim = await self.idempotency.lookup(key)
+            except Exception:  # noqa: BLE001 - Redis blips are waited out, within the deadline
+                log.warning("idempotency lookup of %s failed; trying again", key)
+                claim = Claim("in_flight")
+            if claim is None:
+                return None
+            if claim.state == "done":
+                return claim.result or {}
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.5)
 
     async def call_skill(
         self, skill: Skill, params: BaseModel, context: SkillContext, *, key: str, limit_s: float
@@ -473,8 +670,11 @@ class ExecutorService:
         A claim held by another attempt — alive, or dead mid-call with an unknown outcome
         — is waited out until it expires. A failure with a known outcome releases the
         claim so a retry may call again; a timeout does not (the effect may have
-        happened), so the retry waits for the claim to expire."""
-        if skill.contract.side_effect is not SideEffect.UNSAFE:
+        happened), so the retry waits for the claim to expire.
+
+        A retry-safe call (pure or idempotent skill, an http_call GET or one the step
+        declares idempotent) takes no claim: calling it again is harmless."""
+        if skill.contract.retry_safe(params.model_dump()):
             async with asyncio.timeout(limit_s):
                 return await skill.run(params, context)
         claim_ttl = limit_s + CLAIM_MARGIN_S
@@ -545,6 +745,11 @@ class ExecutorService:
                 log.warning("publishing %d events failed; retrying in %.2fs", len(events), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _claim_key(state: RunState, step: StepState) -> str:
+    """The idempotency claim of a step: one for all its attempts."""
+    return f"{state.run_id}:{step.step.id}"
 
 
 async def _replay_request(request: web.Request) -> web.Response:

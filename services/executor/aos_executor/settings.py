@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
+from aos_contracts.events import MAX_RUN_DEADLINE_S
+from aos_executor.runs import RUN_OUTPUTS_MAX_BYTES
 from aos_plumbing.settings import CommonSettings
 
 
@@ -34,6 +36,31 @@ class ExecutorSettings(CommonSettings):
     )
     retry_backoff_s: float = Field(
         default=0.2, alias="AOS_RETRY_BACKOFF_S", ge=0, description="first retry delay; doubles"
+    )
+
+    # --- every run ends; nothing outgrows the bus ------------------------------------------
+    run_deadline_s: float = Field(
+        default=3600.0,
+        alias="AOS_RUN_DEADLINE_S",
+        gt=0,
+        le=MAX_RUN_DEADLINE_S,
+        description="a run whose goal sets no deadline_s is ended run.failed DEADLINE_EXCEEDED "
+        "this long after run.accepted",
+    )
+    deadline_sweep_s: float = Field(
+        default=5.0,
+        alias="AOS_DEADLINE_SWEEP_S",
+        gt=0,
+        description="how often the executor looks for runs past their deadline (it also "
+        "wakes at the next deadline it knows)",
+    )
+    max_step_output_bytes: int = Field(
+        default=512 * 1024,
+        alias="AOS_MAX_STEP_OUTPUT_BYTES",
+        ge=1024,
+        le=RUN_OUTPUTS_MAX_BYTES,
+        description="a step whose output is larger as JSON fails with OUTPUT_TOO_LARGE "
+        "(not retryable); at most 768 KiB, so step.succeeded stays under NATS' 1 MiB",
     )
 
     # --- skills: which backends (docs/SKILLS.md) ---------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from aos_contracts.events import (
     EventEnvelope,
@@ -20,6 +21,7 @@ from aos_contracts.events import (
     PlanCreated,
     PlanRejected,
     RunAccepted,
+    utc_now,
 )
 from aos_contracts.failures import FailureCode
 from aos_contracts.plans import (
@@ -168,6 +170,15 @@ def _over_budget(estimate: int, goal: GoalSubmitted, planning_cents: int) -> str
     )
 
 
+def run_deadline(goal: GoalSubmitted) -> datetime | None:
+    """When the run must have ended: `deadline_s` after the goal, or None (the executor's
+    default then applies). A goal dated in the future counts from now, so that a wrong
+    clock cannot stretch a deadline past MAX_RUN_DEADLINE_S."""
+    if goal.deadline_s is None:
+        return None
+    return min(goal.occurred_at, utc_now()) + timedelta(seconds=goal.deadline_s)
+
+
 def accepted_event(goal: GoalSubmitted, backend: str) -> RunAccepted:
     return goal.caused(
         RunAccepted,
@@ -176,6 +187,7 @@ def accepted_event(goal: GoalSubmitted, backend: str) -> RunAccepted:
         budget_cents=goal.budget_cents,
         inputs=goal.inputs,
         planner_backend=backend,
+        deadline_at=run_deadline(goal),
     )
 
 
@@ -204,6 +216,7 @@ def decision_event(
         replanned=outcome.replanned,
         reused_plan_of=reused_plan_of,
         idempotency_key=goal.idempotency_key,
+        deadline_at=run_deadline(goal),
     )
 
 

@@ -10,6 +10,9 @@ Rules, tried in order (the first that matches wins):
    for a summary of it.
 5. `extract <a>, <b> ... from <key>` -> json_transform pick of the named fields from
    `inputs.<key>` (or from the inputs themselves without `from`).
+6. `call <METHOD> <url> [idempotent] [within <N>s]` -> one http_call of that method (a
+   POST, PUT or PATCH sends the goal's inputs as JSON), declared idempotent if asked, with
+   a step timeout of N seconds if given (fault tests: a step cut off mid-call).
 
 A goal no rule matches is rejected, with the rules listed in the reason.
 
@@ -138,6 +141,20 @@ def _extract(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
     )
 
 
+def _call(match: re.Match[str], inputs: dict[str, Any]) -> Plan:
+    method, url = match.group(1).upper(), match.group(2)
+    params: dict[str, Any] = {"url": url, "method": method}
+    if method in ("POST", "PUT", "PATCH"):
+        params["json_body"] = "${goal.inputs}"
+    if match.group(3):
+        params["idempotent"] = True
+    timeout_s = float(match.group(4)) if match.group(4) else None
+    return Plan(
+        steps=[PlanStep(id="call", skill="http_call", params=params, timeout_s=timeout_s)],
+        rationale=f"{method} {url}",
+    )
+
+
 RULES: list[Rule] = [
     ("bench <N>", re.compile(r"^\s*bench\s+(\d{1,4})\b", re.IGNORECASE), _bench),
     (
@@ -151,6 +168,15 @@ RULES: list[Rule] = [
         "extract <fields> [from <key>]",
         re.compile(r"\bextract\s+(.+?)(?:\s+from\s+([a-z_][a-z0-9_]*))?\s*$", re.IGNORECASE),
         _extract,
+    ),
+    (
+        "call <METHOD> <url> [idempotent] [within <N>s]",
+        re.compile(
+            r"\bcall\s+(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS)\s+(https?://\S+)"
+            r"(?:\s+(idempotent))?(?:\s+within\s+(\d{1,4})s)?",
+            re.IGNORECASE,
+        ),
+        _call,
     ),
 ]
 

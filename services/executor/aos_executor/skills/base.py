@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from aos_contracts.events import StepTelemetry
+from aos_contracts.events import StepTelemetry, derive_event_id
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.progress import StepProgress
 from aos_contracts.skills import SkillContract
@@ -81,6 +81,11 @@ class SkillContext:
             await self.sink(message)
         except Exception:  # noqa: BLE001 - a lost progress message is not a failed step
             log.debug("progress message for %s/%s dropped", self.run_id, self.step_id)
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable for this run, step and attempt: the same call made again carries it."""
+        return str(derive_event_id(self.run_id, f"idempotency-key/{self.step_id}/{self.attempt}"))
 
     @classmethod
     def detached(cls, skill: str = "skill") -> SkillContext:

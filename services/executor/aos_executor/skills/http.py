@@ -5,10 +5,16 @@ host policy (allow-list, SSRF guard) -> circuit breaker per host -> request, str
 body capped at `max_bytes`, chunks published as progress -> retries with backoff and
 jitter (honouring Retry-After) on 5xx, 429, timeouts and failed connections.
 
-Which calls are retried inside the skill: idempotent methods (GET, HEAD, PUT, DELETE)
-on every retryable outcome; POST and PATCH only when the request cannot have been
-processed (the connection failed, or 429). Redirects are not followed (a redirect could
-lead past the SSRF guard); a 3xx is returned as the result.
+Which calls are retried inside the skill: retry-safe ones (idempotent methods GET, HEAD,
+PUT, DELETE, OPTIONS, or a step that declares `idempotent: true`) on every retryable
+outcome; other POST and PATCH calls only when the request cannot have been processed
+(the connection failed, or 429). Redirects are not followed (a redirect could lead past
+the SSRF guard); a 3xx is returned as the result.
+
+Every request carries an `Idempotency-Key` header (IETF httpapi draft), derived from
+run, step and attempt: a call made again for the same attempt (its retries here, or
+after the executor died mid-call) carries the same key, so a server can deduplicate it.
+A key the step sets in `headers` itself is kept.
 
 Failures: HTTP_5XX (retryable; also for refused connections), HTTP_4XX (not retryable,
 except 408 and 429), SKILL_TIMEOUT, CIRCUIT_OPEN, EXTERNAL_CALLS_DISABLED, INPUT_INVALID
@@ -35,7 +41,7 @@ from aos_executor.skills.guard import HostPolicy
 from aos_executor.skills.retry import RetryPolicy, parse_retry_after
 
 DEFAULT_MAX_BYTES = 256 * 1024  # the body travels in step.succeeded: stay well under NATS' 1 MB
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 USER_AGENT = "aos-executor/1 (http_call)"
 
 
@@ -201,7 +207,7 @@ class HttpCallSkill:
                 else:
                     breaker.record_success()
                 retryable = outcome.failure.retryable and (
-                    outcome.safe_to_retry or params.method in IDEMPOTENT_METHODS
+                    outcome.safe_to_retry or self.contract.retry_safe(params.model_dump())
                 )
                 delay = self.retry.delay(len(delays), outcome.retry_after) if retryable else None
                 if delay is None:
@@ -243,10 +249,14 @@ class HttpCallSkill:
     ) -> tuple[int, dict[str, str], Any, int]:
         assert self.client is not None
         limit = params.max_bytes or self.max_bytes
+        headers = dict(params.headers)
+        if not any(name.lower() == IDEMPOTENCY_KEY_HEADER.lower() for name in headers):
+            # A Structured Field string, as the draft defines the header.
+            headers[IDEMPOTENCY_KEY_HEADER] = f'"{context.idempotency_key}"'
         request = self.client.build_request(
             params.method,
             url,
-            headers=params.headers,
+            headers=headers,
             params=params.query or None,
             json=params.json_body,
             content=params.body,
