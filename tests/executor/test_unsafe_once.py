@@ -11,11 +11,16 @@ import pytest
 from pydantic import BaseModel
 
 from aos_cli.embedded import InfraUrls
+from aos_contracts.events import StepFailed
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.skills import SKILL_CONTRACTS, HttpCallParams, SkillContract
+from aos_executor.runs import StepStatus
 from aos_executor.service import ExecutorService
 from aos_executor.settings import ExecutorSettings
 from aos_executor.skills import SkillContext, SkillError, SkillResult
+from tests.executor.test_every_run_ends import http_step, planned
+from tests.executor.test_runs import reserved_for
+from tests.support.processes import free_port
 
 
 @dataclass
@@ -108,3 +113,46 @@ async def test_pure_skills_are_not_claimed(replicas: list[ExecutorService]) -> N
     for _ in range(3):
         await replicas[0].call_skill(effect, PARAMS, context("shape"), key=key, limit_s=5)
     assert effect.calls == 3
+
+
+class RecordingBus:
+    """What `_execute` needs of the bus: publishing (recorded) and live progress (dropped)."""
+
+    def __init__(self) -> None:
+        self.published: list[object] = []
+        self.nc = self
+
+    async def publish_all(self, events: list[object]) -> list[object]:
+        self.published += events
+        return []
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Live progress goes nowhere here."""
+
+
+async def test_an_unsafe_step_whose_claim_store_is_down_fails_retryably_without_the_effect(
+    namespace: str,
+) -> None:
+    """Redis down (a port nothing listens on): the step is not called, and its failure is
+    DEPENDENCY_UNAVAILABLE, retryable, so the run waits it out within its retry policy
+    instead of failing SKILL_ERROR at once."""
+    settings = ExecutorSettings.model_validate(
+        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "AOS_NAMESPACE": namespace}
+    )
+    effect = CountingEffect()
+    service = ExecutorService(settings, skills={"http_call": effect})
+    bus = RecordingBus()
+    service.bus = bus  # type: ignore[assignment]
+    service.running = True
+    state, _ = planned(http_step("POST"))
+    state.apply(reserved_for(state, "call"))
+    step = state.steps["call"]
+    step.status = StepStatus.RUNNING
+    try:
+        await service._execute(state, step)
+    finally:
+        await service.idempotency.close()
+    assert effect.calls == 0
+    (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
+    assert failed.error.code is FailureCode.DEPENDENCY_UNAVAILABLE
+    assert failed.error.retryable and failed.will_retry

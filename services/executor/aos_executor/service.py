@@ -516,8 +516,16 @@ class ExecutorService:
                 FailureCode.SKILL_TIMEOUT, f"{step.step.skill} took longer than its timeout"
             )
         except Exception as exc:  # a skill bug fails the step, not the run loop
-            log.exception("skill %s crashed", step.step.skill)
-            failure = Failure.of(FailureCode.SKILL_ERROR, f"{type(exc).__name__}: {exc}")
+            if is_outage(exc):
+                # The claim store (Redis) is down, not the skill broken: a retryable
+                # failure, tried again within the step's retry policy.
+                log.warning("step %s: a dependency is down: %s", step.step.id, describe(exc))
+                failure = Failure.of(
+                    FailureCode.DEPENDENCY_UNAVAILABLE, f"a dependency is down: {describe(exc)}"
+                )
+            else:
+                log.exception("skill %s crashed", step.step.skill)
+                failure = Failure.of(FailureCode.SKILL_ERROR, f"{type(exc).__name__}: {exc}")
         elapsed = time.perf_counter() - started_at
         STEP_SECONDS.labels(step.step.skill).observe(elapsed)
         out: list[EventEnvelope] = []
