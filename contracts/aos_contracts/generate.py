@@ -32,15 +32,25 @@ def _dump(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
+def _type_required(schema: dict[str, Any]) -> dict[str, Any]:
+    """`type` is required in every event schema (and every event in `$defs`): the models
+    give it a default, so that code can build events without naming it, but on the wire
+    it is the discriminator, and a payload without it cannot be decoded."""
+    for model in [schema, *schema.get("$defs", {}).values()]:
+        if "type" in model.get("properties", {}) and model["properties"]["type"].get("const"):
+            model["required"] = sorted({*model.get("required", []), "type"})
+    return schema
+
+
 def render() -> dict[str, str]:
     """Every generated file: name -> content."""
     files: dict[str, str] = {}
     for event_type, model in sorted(EVENT_TYPES.items()):
-        schema = model.model_json_schema()
+        schema = _type_required(model.model_json_schema())
         schema["$id"] = f"https://aos.dev/schemas/{event_type}.json"
         schema["x-aos-context"] = CONTEXT_OF_TYPE[event_type]
         files[f"{event_type}.json"] = _dump(schema)
-    union = EVENT_ADAPTER.json_schema()
+    union = _type_required(EVENT_ADAPTER.json_schema())
     union["$id"] = "https://aos.dev/schemas/event.json"
     union["title"] = "AnyEvent"
     files["event.json"] = _dump(union)

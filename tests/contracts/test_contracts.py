@@ -6,6 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from aos_contracts import (
@@ -121,3 +122,33 @@ def test_an_old_version_without_an_upcaster_is_refused_clearly() -> None:
     old["schema_version"] = 0
     with pytest.raises(EventDecodeError, match="no upcaster"):
         decode_event(json.dumps(old).encode(), Upcasters())
+
+
+def test_every_schema_requires_the_type_its_consumers_need() -> None:
+    """`type` is the discriminator: a payload without it is parked by every service, so
+    every published schema must say it is required."""
+    for event_type in EVENT_TYPES:
+        schema = json.loads((SCHEMA_DIR / f"{event_type}.json").read_text())
+        assert "type" in schema["required"], event_type
+    union = json.loads((SCHEMA_DIR / "event.json").read_text())
+    for name, model in union["$defs"].items():
+        if "type" in model.get("properties", {}):
+            assert "type" in model["required"], name
+
+
+def test_a_goal_of_only_the_schemas_required_fields_is_valid_and_decodes() -> None:
+    """What a client written from goal.submitted.json alone sends (issue 15)."""
+    schema = json.loads((SCHEMA_DIR / "goal.submitted.json").read_text())
+    examples = {
+        "type": "goal.submitted",
+        "run_id": str(uuid.uuid4()),
+        "tenant": "acme",
+        "goal": "summarize the notes",
+        "budget_cents": 20,
+    }
+    minimal = {name: examples[name] for name in schema["required"]}
+    jsonschema.validate(minimal, schema)
+    assert isinstance(decode_event(json.dumps(minimal).encode()), GoalSubmitted)
+    without_type = {name: value for name, value in minimal.items() if name != "type"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(without_type, schema)
