@@ -84,7 +84,9 @@ class Run:
 class SideEffects:
     """The HTTP server the runs' http_call steps reach: GET /soak/<run_id>."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float) -> None:
+        # A slow answer, so that a killed executor is often caught in the middle of a call.
+        self.delay_s = delay_s
         self.calls: dict[str, list[str | None]] = defaultdict(list)  # run -> keys seen
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -105,6 +107,7 @@ class SideEffects:
     async def _handle(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
         self.calls[run_id].append(request.headers.get(IDEMPOTENCY_KEY))
+        await asyncio.sleep(self.delay_s)
         return web.json_response({"run": run_id, "notes": ["AOS plans.", "It traces."]})
 
     def url(self, run_id: uuid.UUID) -> str:
@@ -294,7 +297,13 @@ class Soak:
         if cancelled:
             print(f"cancelled {cancelled}")
         print(f"never ended {len(never)}")
+        calls = self.server.calls.values()
         print(f"side effects twice {len(twice)}")
+        print(
+            f"  (http calls {sum(map(len, calls))} for {len(calls)} runs; "
+            f"{sum(1 for keys in calls for key in keys if key)} with an {IDEMPOTENCY_KEY}; "
+            f"{sum(1 for keys in calls if len(keys) > 1)} runs called more than once)"
+        )
         print(f"ledger-vs-trace mismatches {len(mismatched)}")
         print(f"kills {len(self.kills)}")
         for line in self.kills:
@@ -319,7 +328,7 @@ class Soak:
 
 
 async def soak(stack: Stack, nats_url: str, args: argparse.Namespace) -> int:
-    server = SideEffects()
+    server = SideEffects(args.http_delay_s)
     await server.start()
     try:
         return await Soak(stack, server, args).run(nats_url)
@@ -337,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--wait-s", type=float, default=180.0, help="how long runs may take to end after kills"
+    )
+    parser.add_argument(
+        "--http-delay-s", type=float, default=1.0, help="how long each http_call takes"
     )
     parser.add_argument("--seed", type=int, default=None, help="which services are killed")
     parser.add_argument("--data-dir", type=Path, help="keep servers' data and logs here")
