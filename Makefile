@@ -16,7 +16,7 @@ PACKAGES := contracts/aos_contracts \
 	cli/aos_cli
 MYPY_PATHS := $(PACKAGES) bench tests
 
-.PHONY: venv infra-tools test lint format run bench schemas clean
+.PHONY: venv infra-tools test lint format run bench soak schemas clean
 
 venv: $(INSTALLED)
 
@@ -56,6 +56,11 @@ run: venv
 
 bench: venv
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# N goals under random SIGKILL+restart of the services; exits non-zero when a run never
+# ends, a side effect happens twice or the ledger and the tracer disagree. Not in `test`.
+soak: venv
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 schemas: venv
 	$(BIN)/python -m aos_contracts.generate

@@ -84,6 +84,14 @@ def build_goal(
         raise UserError(f"invalid goal: {field}: {first['msg']}") from exc
 
 
+def inbox_prefix(url: str) -> str:
+    """Where replies reach the client: `_INBOX_<user>` when the URL names a NATS user,
+    because infra/nats/nats-server.conf lets a tenant's user read replies only there (a
+    tenant that could read `_INBOX.>` would see every message the services fetch)."""
+    user = urlsplit(url).username
+    return f"_INBOX_{user}" if user else "_INBOX"
+
+
 async def connect(url: str) -> NatsClient:
     async def quiet(exc: Exception) -> None:
         """nats-py logs every failed attempt with a traceback; the CLI says it once."""
@@ -93,6 +101,7 @@ async def connect(url: str) -> NatsClient:
             nats.connect(
                 url,
                 name="aos-cli",
+                inbox_prefix=inbox_prefix(url),
                 connect_timeout=2,
                 allow_reconnect=False,
                 # 0 would mean "forever" in nats-py; 1 gives up after a second attempt.
