@@ -1,10 +1,13 @@
 """The event log on NATS JetStream: streams, publishing, durable consumers, replay, parking.
 
-Why not FastStream's subscribers: its batch pull waits until a batch is full or a
-timeout passes, which puts a latency floor under every step, and the log consumers
-need things it does not model (per-run ordering inside a batch, parking with reasons,
-restarting a durable consumer from the sequence a store last applied). This module is
-the small layer that does those on nats-py; FastStream is not needed underneath it.
+Why a consumer layer of our own on nats-py rather than FastStream's subscribers: FastStream
+fetches batches with the same nats-py call, but it does not model what the log's
+consumers need: per-run ordering inside and across batches, partial acks (a batch whose
+failed events go back while the rest is acknowledged), parking with reasons, outages told
+apart from poison messages, heartbeats for handlers slower than the ack wait, and
+restarting a durable consumer from the sequence a store last applied. What we take from
+FastStream is its conventions: consumers declared with the event types they take, and
+one decoder for every reader of the log (`decode_placed`).
 """
 
 from __future__ import annotations
