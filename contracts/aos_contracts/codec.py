@@ -77,7 +77,7 @@ def encode_event(event: EventEnvelope) -> bytes:
 
 
 def event_headers(event: EventEnvelope) -> dict[str, str]:
-    headers = {HEADER_MSG_ID: str(event.event_id), HEADER_EVENT_TYPE: str(getattr(event, "type"))}
+    headers = {HEADER_MSG_ID: str(event.event_id), HEADER_EVENT_TYPE: event.type}
     if event.trace.traceparent:
         headers["traceparent"] = event.trace.traceparent
     return headers

@@ -12,10 +12,11 @@ facts too ("X asked for Y"), and the owner of Y answers with its own event.
 
 from __future__ import annotations
 
+import builtins
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -56,10 +57,19 @@ class TraceContext(BaseModel):
     tracestate: str | None = None
 
 
+# The bounded contexts of the log: one stream each, and one owning service each.
+Context = Literal["goals", "plans", "runs", "budget"]
+
+
 class EventEnvelope(BaseModel):
-    """Fields every event carries. Subclasses add a `type` literal and their payload."""
+    """Fields every event carries. Subclasses narrow `type` to their literal, declare the
+    `context` (stream) that owns them, and add their payload."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Which stream carries events of this type, and so which service may write them.
+    context: ClassVar[Context]
+    type: str = Field(description="the event type; narrowed to one literal by each event")
 
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     schema_version: int = 1
@@ -74,7 +84,8 @@ class EventEnvelope(BaseModel):
     )
     trace: TraceContext = Field(default_factory=TraceContext)
 
-    def caused(self, cls: type[E], purpose: str, **payload: Any) -> E:
+    # `builtins.type`: in this class body `type` is the event's field.
+    def caused(self, cls: builtins.type[E], purpose: str, **payload: Any) -> E:
         """Build the event `cls` caused by this one, with a deterministic id."""
         return cls(
             event_id=derive_event_id(self.event_id, purpose),
@@ -116,6 +127,7 @@ class StepTelemetry(BaseModel):
 class GoalSubmitted(EventEnvelope):
     """A user asks AOS to achieve a goal within a budget. The public entry point."""
 
+    context: ClassVar[Context] = "goals"
     type: Literal["goal.submitted"] = "goal.submitted"
     goal: Annotated[str, Field(min_length=1, max_length=10_000)]
     budget_cents: Annotated[int, Field(ge=0, le=100_000_000)]
@@ -147,6 +159,7 @@ class GoalSubmitted(EventEnvelope):
 
 
 class RunCancelRequested(EventEnvelope):
+    context: ClassVar[Context] = "goals"
     type: Literal["run.cancel_requested"] = "run.cancel_requested"
     reason: str = "cancelled by user"
 
@@ -159,6 +172,7 @@ PLANNING_STEP_ID = "@planning"
 
 
 class RunAccepted(EventEnvelope):
+    context: ClassVar[Context] = "plans"
     type: Literal["run.accepted"] = "run.accepted"
     goal: str
     budget_cents: int
@@ -176,6 +190,7 @@ class PlanningReservationRequested(EventEnvelope):
     before making it. The ledger answers with budget.reserved or budget.denied for
     `reservation_id`, under the step id `@planning`."""
 
+    context: ClassVar[Context] = "plans"
     type: Literal["planning.reservation_requested"] = "planning.reservation_requested"
     reservation_id: uuid.UUID
     step_id: str = PLANNING_STEP_ID
@@ -189,6 +204,7 @@ class PlanningCallFinished(EventEnvelope):
     """One planning model call is over and cost `cost_cents` (from reported usage): the
     ledger commits it against the reservation and releases the rest."""
 
+    context: ClassVar[Context] = "plans"
     type: Literal["planning.call_finished"] = "planning.call_finished"
     reservation_id: uuid.UUID
     step_id: str = PLANNING_STEP_ID
@@ -203,6 +219,7 @@ class PlanningCallFinished(EventEnvelope):
 
 
 class PlanCreated(EventEnvelope):
+    context: ClassVar[Context] = "plans"
     type: Literal["plan.created"] = "plan.created"
     plan: Plan
     estimated_cents: int
@@ -228,6 +245,7 @@ class PlanCreated(EventEnvelope):
 
 
 class PlanRejected(EventEnvelope):
+    context: ClassVar[Context] = "plans"
     type: Literal["plan.rejected"] = "plan.rejected"
     reasons: list[str]
     code: FailureCode = FailureCode.PLAN_INVALID
@@ -242,6 +260,7 @@ class RequestRefused(EventEnvelope):
     *sender's* subjects (`aos.plans.<sender tenant>.<run_id>`), so the sender hears why
     instead of nothing. It is not part of any run unless `ends_run` says so."""
 
+    context: ClassVar[Context] = "plans"
     type: Literal["request.refused"] = "request.refused"
     request_type: Literal["goal.submitted", "run.cancel_requested"]
     request_event_id: uuid.UUID = Field(description="event_id of the refused goal or cancel")
@@ -263,6 +282,7 @@ class RequestRefused(EventEnvelope):
 
 
 class BudgetReservationRequested(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["budget.reservation_requested"] = "budget.reservation_requested"
     reservation_id: uuid.UUID
     step_id: str
@@ -271,6 +291,7 @@ class BudgetReservationRequested(EventEnvelope):
 
 
 class StepStarted(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["step.started"] = "step.started"
     step_id: str
     skill: str
@@ -280,6 +301,7 @@ class StepStarted(EventEnvelope):
 
 
 class StepSucceeded(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["step.succeeded"] = "step.succeeded"
     step_id: str
     skill: str
@@ -293,6 +315,7 @@ class StepSucceeded(EventEnvelope):
 
 
 class StepFailed(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["step.failed"] = "step.failed"
     step_id: str
     skill: str
@@ -306,6 +329,7 @@ class StepFailed(EventEnvelope):
 
 
 class RunCompleted(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["run.completed"] = "run.completed"
     outputs: dict[str, Any] = Field(
         default_factory=dict, description="output of every step no other step depends on"
@@ -322,6 +346,7 @@ class RunCompleted(EventEnvelope):
 
 
 class RunFailed(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["run.failed"] = "run.failed"
     error: Failure
     failed_step_id: str | None = None
@@ -329,6 +354,7 @@ class RunFailed(EventEnvelope):
 
 
 class RunCancelled(EventEnvelope):
+    context: ClassVar[Context] = "runs"
     type: Literal["run.cancelled"] = "run.cancelled"
     reason: str
     cost_cents: int = 0
@@ -338,11 +364,13 @@ class RunCancelled(EventEnvelope):
 
 
 class BudgetOpened(EventEnvelope):
+    context: ClassVar[Context] = "budget"
     type: Literal["budget.opened"] = "budget.opened"
     cap_cents: int
 
 
 class BudgetReserved(EventEnvelope):
+    context: ClassVar[Context] = "budget"
     type: Literal["budget.reserved"] = "budget.reserved"
     reservation_id: uuid.UUID
     step_id: str
@@ -364,6 +392,7 @@ class BudgetReserved(EventEnvelope):
 
 
 class BudgetDenied(EventEnvelope):
+    context: ClassVar[Context] = "budget"
     type: Literal["budget.denied"] = "budget.denied"
     reservation_id: uuid.UUID
     step_id: str
@@ -380,6 +409,7 @@ class BudgetDenied(EventEnvelope):
 
 
 class BudgetCommitted(EventEnvelope):
+    context: ClassVar[Context] = "budget"
     type: Literal["budget.committed"] = "budget.committed"
     reservation_id: uuid.UUID
     step_id: str
@@ -392,6 +422,7 @@ class BudgetCommitted(EventEnvelope):
 
 
 class BudgetReleased(EventEnvelope):
+    context: ClassVar[Context] = "budget"
     type: Literal["budget.released"] = "budget.released"
     reservation_id: uuid.UUID
     step_id: str
@@ -428,30 +459,9 @@ AnyEvent = Annotated[
 
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
+# Every event type, from the union above: the one list of events there is.
 EVENT_TYPES: dict[str, type[EventEnvelope]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (
-        GoalSubmitted,
-        RunCancelRequested,
-        RunAccepted,
-        PlanCreated,
-        PlanRejected,
-        RequestRefused,
-        PlanningReservationRequested,
-        PlanningCallFinished,
-        BudgetReservationRequested,
-        StepStarted,
-        StepSucceeded,
-        StepFailed,
-        RunCompleted,
-        RunFailed,
-        RunCancelled,
-        BudgetOpened,
-        BudgetReserved,
-        BudgetDenied,
-        BudgetCommitted,
-        BudgetReleased,
-    )
+    str(cls.model_fields["type"].default): cls for cls in get_args(get_args(AnyEvent)[0])
 }
 
 TERMINAL_RUN_EVENTS = frozenset({"run.completed", "run.failed", "run.cancelled"})

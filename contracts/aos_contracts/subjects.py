@@ -10,44 +10,19 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Literal
+from typing import get_args
 
-Context = Literal["goals", "plans", "runs", "budget"]
-CONTEXTS: tuple[Context, ...] = ("goals", "plans", "runs", "budget")
+from aos_contracts.events import EVENT_TYPES, Context
+
+CONTEXTS: tuple[Context, ...] = get_args(Context)
 PARKED = "parked"
 DEFAULT_NAMESPACE = "aos"
 
-# Which context (and so which stream and which writer) each event type belongs to.
+# Which context (and so which stream and which writer) each event type belongs to: what
+# each event class declares (`EventEnvelope.context`).
 CONTEXT_OF_TYPE: dict[str, Context] = {
-    # ingress: written by users, read by planner, ledger and executor
-    "goal.submitted": "goals",
-    "run.cancel_requested": "goals",
-    # planner
-    "run.accepted": "plans",
-    "plan.created": "plans",
-    "plan.rejected": "plans",
-    "request.refused": "plans",
-    "planning.reservation_requested": "plans",
-    "planning.call_finished": "plans",
-    # executor
-    "budget.reservation_requested": "runs",
-    "step.started": "runs",
-    "step.succeeded": "runs",
-    "step.failed": "runs",
-    "run.completed": "runs",
-    "run.failed": "runs",
-    "run.cancelled": "runs",
-    # ledger
-    "budget.opened": "budget",
-    "budget.reserved": "budget",
-    "budget.denied": "budget",
-    "budget.committed": "budget",
-    "budget.released": "budget",
+    event_type: cls.context for event_type, cls in EVENT_TYPES.items()
 }
-
-# What a tenant may publish (on its own goals subjects). Every other type is a service's,
-# and counts only on its owner's stream.
-TENANT_TYPES = frozenset({"goal.submitted", "run.cancel_requested"})
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

@@ -52,7 +52,7 @@ class Executor:
 
     async def publish(self, event: EventEnvelope) -> int:
         subject = subject_for_type(
-            str(getattr(event, "type")), event.tenant, event.run_id, self.namespace
+            event.type, event.tenant, event.run_id, self.namespace
         )
         ack = await self.js.publish(subject, encode_event(event), headers=event_headers(event))
         return int(ack.seq)

@@ -60,7 +60,7 @@ async def test_a_completed_run_has_its_status_cost_and_steps() -> None:
     assert fetch.ended_at - fetch.started_at == timedelta(milliseconds=40)
 
     events = await store.run_events(story.run_id)
-    assert [event.type for event in events] == [str(getattr(e, "type")) for e in story.events]
+    assert [event.type for event in events] == [e.type for e in story.events]
     assert events[0].payload["goal"] == story.goal.goal
 
 

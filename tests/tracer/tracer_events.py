@@ -180,20 +180,20 @@ def in_log(events: Iterable[EventEnvelope], namespace: str = "aos") -> list[Trac
         stream = stream_of(event, namespace)
         seqs[stream] += 1
         subject = subject_for_type(
-            str(getattr(event, "type")), event.tenant, event.run_id, namespace
+            event.type, event.tenant, event.run_id, namespace
         )
         traced.append(TracedEvent(stream, seqs[stream], subject, cast(AnyEvent, event)))
     return traced
 
 
 def stream_of(event: EventEnvelope, namespace: str = "aos") -> str:
-    return stream_name(CONTEXT_OF_TYPE[str(getattr(event, "type"))], namespace)
+    return stream_name(CONTEXT_OF_TYPE[event.type], namespace)
 
 
 async def publish(js: JetStreamContext, namespace: str, events: list[EventEnvelope]) -> None:
     """Publish one by one, each acked before the next: the log holds them in this order."""
     for event in events:
         subject = subject_for_type(
-            str(getattr(event, "type")), event.tenant, event.run_id, namespace
+            event.type, event.tenant, event.run_id, namespace
         )
         await js.publish(subject, encode_event(event), headers=event_headers(event))

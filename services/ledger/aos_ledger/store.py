@@ -616,7 +616,7 @@ class BudgetStore:
     async def replay(self, events: Sequence[EventEnvelope]) -> int:
         """Apply events read from the budget stream, in order, in one round trip; returns
         how many changed the state (the others had been applied already)."""
-        budget_events = [e for e in events if getattr(e, "type", None) in BUDGET_EVENT_TYPES]
+        budget_events = [e for e in events if e.type in BUDGET_EVENT_TYPES]
         if not budget_events:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:

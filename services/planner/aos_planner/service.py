@@ -484,7 +484,7 @@ def _outcome_label(event: EventEnvelope) -> str:
         FailureCode.FORBIDDEN,
     ):
         return event.code.value.lower()
-    return str(getattr(event, "type"))
+    return event.type
 
 
 def make_planner(settings: PlannerSettings) -> Planner:

@@ -58,7 +58,7 @@ class Decision:
 
     @property
     def outcome(self) -> str:
-        return str(getattr(self.events[-1], "type"))
+        return self.events[-1].type
 
     @property
     def plan_created(self) -> PlanCreated | None:
@@ -327,7 +327,7 @@ class PostgresDecisionStore:
         self, run_id: uuid.UUID, tenant: str, events: Sequence[EventEnvelope]
     ) -> Decision:
         _checked(run_id, tenant, events)
-        outcome = str(getattr(events[-1], "type"))
+        outcome = events[-1].type
         async with self.pool.acquire() as conn:
             record = await conn.fetchrow(
                 INSERT_DECISION,

@@ -217,7 +217,7 @@ class EventBus:
                     raise
 
     def subject_of(self, event: EventEnvelope) -> str:
-        event_type = str(getattr(event, "type"))
+        event_type = event.type
         return f"{self.namespace}.{CONTEXT_OF_TYPE[event_type]}.{event.tenant}.{event.run_id}"
 
     async def publish(self, event: EventEnvelope) -> js_api.PubAck:
