@@ -16,7 +16,7 @@ PACKAGES := contracts/aos_contracts \
 	cli/aos_cli
 MYPY_PATHS := $(PACKAGES) bench tests
 
-.PHONY: venv infra-tools test lint format run bench soak schemas clean
+.PHONY: venv infra-tools test test-unit lint format run bench soak schemas clean
 
 venv: $(INSTALLED)
 
@@ -43,6 +43,10 @@ test: venv infra-tools
 	@# pytest exits 5 when it collects no tests: not a failure for this build.
 	$(BIN)/python -m pytest; rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# The tests that need no server (pure logic, contracts, in-memory stores): seconds.
+test-unit: venv
+	$(BIN)/python -m pytest -m "not integration" -q
 
 lint: venv
 	$(BIN)/ruff check .

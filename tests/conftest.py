@@ -80,3 +80,19 @@ def pytest_report_header() -> str:
     if all(external.values()):
         return "aos infra: external " + ", ".join(f"{k}={v}" for k, v in external.items())
     return "aos infra: embedded (private servers on free ports)"
+
+
+# Folders whose tests run the services as processes.
+_E2E_FOLDERS = ("system", "security", "golden")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers from what a test uses, not from what its author remembered to write:
+    `integration` for every test that needs real servers (the `infra` fixture, directly or
+    through another), `e2e` for those that run the services as processes. So
+    `pytest -m "not integration"` (make test-unit) is the suite without servers."""
+    for item in items:
+        if "infra" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+        if any(part in _E2E_FOLDERS for part in item.path.parts[-3:-1]):
+            item.add_marker(pytest.mark.e2e)

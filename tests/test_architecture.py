@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,5 @@ def test_contracts_need_nothing_but_pydantic() -> None:
                 third_party.add(node.module.split(".")[0])
             elif isinstance(node, ast.Import):
                 third_party.update(alias.name.split(".")[0] for alias in node.names)
-    stdlib = {
-        "__future__",
-        "argparse",
-        "base64",
-        "collections",
-        "dataclasses",
-        "datetime",
-        "enum",
-        "json",
-        "math",
-        "pathlib",
-        "re",
-        "sys",
-        "typing",
-        "uuid",
-    }
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
     assert third_party - stdlib - {"aos_contracts"} == {"pydantic"}
