@@ -225,3 +225,21 @@ async def test_an_api_failure_is_not_a_rejection_the_goal_is_retried_later(
     api.replies = [error(529, "overloaded_error", "Overloaded")]
     with pytest.raises(anthropic.APIStatusError):
         await decide(goal(), planner(api))
+
+
+async def test_a_dated_model_is_reserved_and_charged_at_its_own_price(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(SUMMARY_PLAN)]
+    client = AsyncAnthropic(api_key="test-key", base_url=api.base_url, max_retries=0)
+    dated = AnthropicPlanner(client, model="claude-haiku-4-5-20251001", max_tokens=10_000)
+    undated = AnthropicPlanner(client, model="claude-haiku-4-5", max_tokens=10_000)
+    meter = RecordingMeter()
+    outcome = await plan_goal(goal(), dated, meter)
+    assert isinstance(outcome, Planned)
+    (reserved,) = meter.reserved
+    assert reserved == undated.worst_case_cents(api.requests[0]["messages"])
+    assert reserved < 10  # 10 000 output tokens at haiku's 500 cents per MTok: 5, + input
+    # 900 input and 120 output tokens at haiku's price: 0.15 cents, so 1 (the dearest: 3).
+    ((_, charged, _),) = meter.finished
+    assert charged == 1

@@ -92,7 +92,8 @@ class AnthropicPlanner:
 
     def worst_case_cents(self, messages: list[MessageParam]) -> int:
         """What one call may cost at most: the prompt's estimated tokens, and every allowed
-        output token, at the model's price (the dearest model's, when it is unknown)."""
+        output token, at the model's price (`llm_price`: a dated id by its prefix, an unknown
+        model at the dearest price)."""
         chars = self._fixed_prompt_chars + len(json.dumps(messages, default=str))
         return llm_cost_cents(self.model, estimate_input_tokens("x" * chars), self.max_tokens)
 
@@ -149,7 +150,15 @@ class AnthropicPlanner:
                 )
             raise
         usage = reply.usage
-        cost = llm_cost_cents(self.model, usage.input_tokens, usage.output_tokens)
+        # Priced by the model asked for, like the reservation (the reply may name a dated
+        # id of it; `llm_price` prices both alike), cache tokens included.
+        cost = llm_cost_cents(
+            self.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_input_tokens or 0,
+            usage.cache_read_input_tokens or 0,
+        )
         read = _read_reply(reply, self.limits)
         await meter.after_call(
             cost,
