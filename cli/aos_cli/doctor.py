@@ -3,6 +3,8 @@ and the backends it runs on), NATS and the event log's streams.
 
 Exit 0 when everything answers and is ready, 1 otherwise (a service down, not ready,
 not configured; NATS unreachable; a stream missing), so scripts and CI can gate on it.
+A dependency only some work needs that does not answer (Claude) is shown as degraded,
+with why, and does not fail the check: the work that does not need it goes on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ServiceReport:
     ready: bool = False
     checks: dict[str, Any] = field(default_factory=dict)
     backends: dict[str, Any] = field(default_factory=dict)
+    degraded: dict[str, str] = field(default_factory=dict)  # advisory -> what is wrong
     problem: str | None = None
 
 
@@ -69,6 +72,7 @@ def check_service(name: str, url: str | None) -> ServiceReport:
     report.ready = ready.status_code == 200 and bool(body.get("ready"))
     report.checks = dict(body.get("checks") or {})
     report.backends = dict(body.get("backends") or {})
+    report.degraded = {str(k): str(v) for k, v in dict(body.get("degraded") or {}).items()}
     if not report.alive:
         report.problem = "not alive (/healthz)"
     elif not report.ready:
@@ -137,6 +141,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(f"  stream {name:<24} {'MISSING' if count is None else f'{count} messages'}")
     for service in services:
         verdict = "ok" if service.alive and service.ready else service.problem
+        if verdict == "ok" and service.degraded:
+            verdict = "ok, degraded"
         print(f"{service.name} {service.url or '-'}: {verdict}")
         if service.reachable:
             print(f"  healthz  {'alive' if service.alive else 'NOT ALIVE'}")
@@ -146,7 +152,11 @@ def run_doctor(args: argparse.Namespace) -> int:
             print(
                 f"  readyz   {'ready' if service.ready else 'NOT READY'} ({checks or 'no checks'})"
             )
+        for key, value in sorted(service.degraded.items()):
+            print(f"  degraded {key}: {value}")
         for key, value in sorted(service.backends.items()):
             print(f"  backend  {key} = {value}")
-    print("all ready" if healthy else "NOT READY")
+    degraded = [f"{s.name} {key}" for s in services for key in sorted(s.degraded)]
+    suffix = f" (degraded: {', '.join(degraded)})" if degraded else ""
+    print(("all ready" if healthy else "NOT READY") + suffix)
     return 0 if healthy else 1

@@ -8,15 +8,19 @@
     aos doctor [--json]
 
 A user mistake ends in one line on stderr (`aos: error: ...`) and a non-zero exit code;
-set AOS_DEBUG=1 to see the traceback of an unexpected failure.
+set AOS_DEBUG=1 to see the traceback of an unexpected failure. Output piped into a reader
+that stops early (`aos run show ID | head -1`) ends quietly with status 141, as a Unix
+tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -41,11 +45,17 @@ from aos_cli.client import (
 )
 from aos_cli.config import DEFAULT_DATA_DIR, UserError, load_config
 from aos_cli.render import describe_terminal, runs_table
-from aos_contracts.events import RunCancelRequested, RunCompleted, is_valid_tenant
+from aos_contracts.events import (
+    MAX_BUDGET_CENTS,
+    RunCancelRequested,
+    RunCompleted,
+    is_valid_tenant,
+)
 
 EXIT_OK = 0
 EXIT_RUN_NOT_COMPLETED = 1
 EXIT_USER_ERROR = 2
+EXIT_READER_GONE = 128 + signal.SIGPIPE  # 141, what a shell shows for a tool SIGPIPE killed
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,13 +65,25 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"aos: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _budget(text: str) -> int:
+def _whole_number(text: str, *, minimum: int, unit: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of cents, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number{unit}, not {text!r}") from None
+    if value < minimum:
+        wanted = {0: "must not be negative", 1: "must be positive"}.get(
+            minimum, f"must be at least {minimum}"
+        )
+        raise argparse.ArgumentTypeError(f"{wanted}, got {value}")
+    return value
+
+
+def _budget(text: str) -> int:
+    value = _whole_number(text, minimum=0, unit=" of cents")
+    if value > MAX_BUDGET_CENTS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_BUDGET_CENTS} cents (${MAX_BUDGET_CENTS // 100:,}), got {value}"
+        )
     return value
 
 
@@ -75,14 +97,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, minimum=0)
+
+
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+    return _whole_number(text, minimum=1)
 
 
 def _tenant(text: str) -> str:
@@ -102,6 +122,13 @@ def _run_id(text: str) -> uuid.UUID:
 
 
 def _inputs(text: str) -> dict[str, Any]:
+    """A JSON object, given inline or as `@FILE` (a command line holds at most 128 KiB
+    per argument: larger inputs come from a file)."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -212,7 +239,17 @@ def build_parser() -> ArgumentParser:
     )
     simulate.add_argument("goal", metavar="TEXT")
     simulate.add_argument("--budget-cents", type=_budget, required=True)
-    simulate.add_argument("--input-json", type=_inputs, default={}, metavar="JSON")
+    simulate.add_argument(
+        "--input-json", type=_inputs, default={}, metavar="JSON", help="a JSON object, or @FILE"
+    )
+    simulate.add_argument(
+        "--assume-output-bytes",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="the size assumed for each output not known before the run "
+        "(default: the executor's default step output limit, 512 KiB)",
+    )
     simulate.add_argument(
         "--replan",
         action="store_true",
@@ -378,17 +415,16 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
     """Runs the planner's own simulation in a child process: the CLI imports no service,
     and with the stub backend nothing else (no NATS, no Claude) is needed."""
     command = [sys.executable, "-m", "aos_planner", "simulate", args.goal]
-    command += [
-        "--budget-cents",
-        str(args.budget_cents),
-        "--input-json",
-        json.dumps(args.input_json),
-    ]
+    # The inputs go through stdin: an argument holds at most 128 KiB.
+    command += ["--budget-cents", str(args.budget_cents), "--input-json", "-"]
+    if args.assume_output_bytes is not None:
+        command += ["--assume-output-bytes", str(args.assume_output_bytes)]
     if args.replan:
         command.append("--replan")
     if args.json:
         command.append("--json")
-    return subprocess.run(command, check=False).returncode
+    inputs = json.dumps(args.input_json)
+    return subprocess.run(command, input=inputs, text=True, check=False).returncode
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -456,11 +492,27 @@ def cmd_golden_verify(args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------
 
 
+def _reader_gone() -> int:
+    """`aos run show ID | head -1`: once head has what it wants it exits, and the next
+    write fails with EPIPE. Like a Unix tool killed by SIGPIPE: no message, status 141
+    (128 + SIGPIPE). stdout is pointed at /dev/null so Python's flush at exit cannot fail
+    again. (SIGPIPE itself stays ignored, as Python sets it: a dead NATS or HTTP peer must
+    be an error the CLI reports, not a silent death.)"""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_READER_GONE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a reader that has gone (`| head -1`) is found here, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except (RunTimeout, Refused) as exc:  # the run did not (or will not) complete
         print(f"aos: {exc}", file=sys.stderr)
         return EXIT_RUN_NOT_COMPLETED

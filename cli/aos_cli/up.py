@@ -1,6 +1,7 @@
 """`aos up`: infrastructure, the four services, a demo goal, then wait for Ctrl-C.
 
-Ctrl-C (SIGINT) or SIGTERM stops every process `aos up` started, services first (they
+Ctrl-C (SIGINT, even when `aos up` runs as a background job) or SIGTERM stops every
+process `aos up` started, services first (they
 drain into NATS), then Redis, PostgreSQL and NATS, and exits 0. A service that dies on
 its own is restarted, a few times, on the same port: the log lets it pick up where it
 stopped.
@@ -74,6 +75,9 @@ def run_up(args: argparse.Namespace) -> int:
     if state and isinstance(state.get("pid"), int) and _pid_alive(state["pid"]):
         raise UserError(f"aos up is already running for {data_dir} (pid {state['pid']})")
 
+    # Its own handler for Ctrl-C too: a shell starts a background job (`aos up &`) with
+    # SIGINT ignored, and Python then leaves it ignored, so `kill -INT` would do nothing.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     infra: EmbeddedInfra | None = None
     stack: Stack | None = None

@@ -124,13 +124,17 @@ class StepTelemetry(BaseModel):
 # --- ingress: what users and their programs publish ----------------------------------
 
 
+# The largest budget a goal may have ($1,000,000): clients check it before they publish.
+MAX_BUDGET_CENTS = 100_000_000
+
+
 class GoalSubmitted(EventEnvelope):
     """A user asks AOS to achieve a goal within a budget. The public entry point."""
 
     context: ClassVar[Context] = "goals"
     type: Literal["goal.submitted"] = "goal.submitted"
     goal: Annotated[str, Field(min_length=1, max_length=10_000)]
-    budget_cents: Annotated[int, Field(ge=0, le=100_000_000)]
+    budget_cents: Annotated[int, Field(ge=0, le=MAX_BUDGET_CENTS)]
     inputs: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Annotated[str, Field(max_length=200)] | None = None
     submitted_by: str | None = None

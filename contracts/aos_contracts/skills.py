@@ -124,7 +124,7 @@ class LlmInvokeOutput(BaseModel):
     )
 
 
-# Prices in cents per million tokens: (input, output). Unknown models use the dearest.
+# Prices in cents per million tokens: (input, output). Priced by `llm_price`.
 LLM_PRICES_CENTS_PER_MTOK: dict[str, tuple[int, int]] = {
     "claude-opus-4-1": (1500, 7500),
     "claude-opus-4-6": (500, 2500),
@@ -132,12 +132,66 @@ LLM_PRICES_CENTS_PER_MTOK: dict[str, tuple[int, int]] = {
     "claude-sonnet-4-5": (300, 1500),  # end of life 2026-11-30; kept so old runs price right
     "claude-haiku-4-5": (100, 500),
 }
-_DEAREST = max(LLM_PRICES_CENTS_PER_MTOK.values(), key=lambda price: price[1])
+# What may follow a table name in a model id it prices: a date (`-20251001`) or a
+# Vertex-style version (`@20251001`). So `claude-opus-4-10` is not priced as
+# `claude-opus-4-1`: a name only matches at a boundary.
+_MODEL_SUFFIX_SEPARATORS = ("-", "@")
 
 
-def llm_cost_cents(model: str, input_tokens: int, output_tokens: int) -> int:
-    price_in, price_out = LLM_PRICES_CENTS_PER_MTOK.get(model, _DEAREST)
-    return math.ceil((input_tokens * price_in + output_tokens * price_out) / 1_000_000)
+@dataclass(frozen=True)
+class ModelPrice:
+    """Cents per million tokens of each kind."""
+
+    input: float
+    output: float
+    cache_write: float
+    cache_read: float
+
+
+def _claude_price(input_price: int, output_price: int) -> ModelPrice:
+    # Anthropic's prompt caching: writes cost 1.25x input (5-minute cache), reads 0.1x.
+    return ModelPrice(input_price, output_price, input_price * 1.25, input_price * 0.1)
+
+
+LLM_PRICES: dict[str, ModelPrice] = {
+    model: _claude_price(price_in, price_out)
+    for model, (price_in, price_out) in LLM_PRICES_CENTS_PER_MTOK.items()
+}
+DEAREST_LLM_PRICE = max(LLM_PRICES.values(), key=lambda price: price.output)
+
+
+def llm_price(model: str) -> ModelPrice:
+    """The one pricing rule, used for every reservation and every charge (the planner's
+    calls, llm_invoke's worst case, llm_invoke's cost from reported usage): the longest
+    table name that is the model id or a prefix of it up to a `-` or `@`
+    (`claude-haiku-4-5-20251001` is `claude-haiku-4-5`), else the dearest model's price,
+    so that an unknown model is never reserved or charged less than it may cost."""
+    matches = [
+        name
+        for name in LLM_PRICES
+        if model == name
+        or (model.startswith(name) and model[len(name)].startswith(_MODEL_SUFFIX_SEPARATORS))
+    ]
+    return LLM_PRICES[max(matches, key=len)] if matches else DEAREST_LLM_PRICE
+
+
+def llm_cost_cents(
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_creation_input_tokens: int = 0,
+    cache_read_input_tokens: int = 0,
+) -> int:
+    """What tokens of `model` cost, in whole cents rounded up (`llm_price`)."""
+    price = llm_price(model)
+    total = (
+        input_tokens * price.input
+        + output_tokens * price.output
+        + cache_creation_input_tokens * price.cache_write
+        + cache_read_input_tokens * price.cache_read
+    )
+    # Round to a micro-cent first so float noise never adds a whole cent.
+    return math.ceil(round(total / 1_000_000, 6))
 
 
 def estimate_input_tokens(text: str) -> int:

@@ -70,6 +70,14 @@ SUBMIT = ["goal", "submit", "summarize this", "--tenant", "acme", "--budget-cent
         (["run", "show", "not-a-uuid"], "not a run id"),
         ([*SUBMIT, "--reuse-plan-of", "run-7"], "not a run id"),
         (["runs", "--limit", "0"], "positive"),
+        (
+            [*SUBMIT[:-1], "100000001"],
+            "--budget-cents: must be at most 100000000 cents ($1,000,000), got 100000001",
+        ),
+        (
+            ["plan", "simulate", "bench 2", "--budget-cents", "999999999999"],
+            "must be at most 100000000 cents",
+        ),
     ],
 )
 def test_bad_arguments(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,3 +195,23 @@ def test_the_installed_command_prints_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert_one_error_line(result.stderr, "cannot reach NATS")
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path: Path) -> None:
+    """`aos stubs | head -1`: the reader is gone before aos writes (its read end is
+    closed before aos starts): no message, status 141 as for a tool SIGPIPE killed."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "aos_cli", "stubs"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141

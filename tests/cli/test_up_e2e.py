@@ -4,17 +4,21 @@ its trace through `aos run show`, then Ctrl-C stops everything `aos up` started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from aos_cli.embedded import InfraUrls
@@ -33,8 +37,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _ignored_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class AosUp:
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str], *, as_background_job: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.env = env
         self.log = data_dir.parent / "aos-up.log"
@@ -46,8 +56,9 @@ class AosUp:
                 stderr=subprocess.STDOUT,
                 # Ctrl-C as a terminal sends it, even when the tests themselves run in the
                 # background (a shell starts background jobs with SIGINT ignored, and a
-                # child would inherit that and never see the test's SIGINT).
-                preexec_fn=_default_sigint,
+                # child would inherit that and never see the test's SIGINT); or, as a
+                # background job (`aos up &`), with SIGINT ignored on purpose.
+                preexec_fn=_ignored_sigint if as_background_job else _default_sigint,
             )
 
     def output(self) -> str:
@@ -73,16 +84,20 @@ class AosUp:
         )
 
 
-@pytest.fixture
-def aos_up(tmp_path: Path) -> Iterator[AosUp]:
+@contextlib.contextmanager
+def started_aos_up(
+    tmp_path: Path, extra_env: dict[str, str] | None = None, *, as_background_job: bool = False
+) -> Iterator[AosUp]:
     env = {key: value for key, value in os.environ.items() if key not in CONFIG_VARS}
+    env.pop("PLANNER_BACKEND", None)
+    env.update(extra_env or {})
     external = InfraUrls.from_env(env)
     namespace = "aos"
     if external is not None:
         # Shared external servers: a namespace of our own keeps streams, keys and
         # databases apart from anyone else's.
         namespace = env["AOS_NAMESPACE"] = f"e2e{uuid.uuid4().hex[:10]}"
-    up = AosUp(tmp_path / "aos", env)
+    up = AosUp(tmp_path / "aos", env, as_background_job=as_background_job)
     try:
         yield up
     finally:
@@ -94,6 +109,12 @@ def aos_up(tmp_path: Path) -> Iterator[AosUp]:
                 up.proc.kill()
         if external is not None:
             asyncio.run(remove_namespace(external, namespace))
+
+
+@pytest.fixture
+def aos_up(tmp_path: Path) -> Iterator[AosUp]:
+    with started_aos_up(tmp_path) as up:
+        yield up
 
 
 def descendants(pid: int) -> set[int]:
@@ -193,3 +214,78 @@ def test_goal_through_aos_up(aos_up: AosUp) -> None:
     left = sorted(pid for pid in started if alive(pid))
     assert left == [], f"still running after aos up stopped: {left}"
     assert not (aos_up.data_dir / "state.json").exists()
+
+
+class _NotImplemented(BaseHTTPRequestHandler):
+    """No method implemented: every request is answered 501, as by a Messages API server
+    that has no `GET /v1/models`."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def endpoint_answering_501() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotImplemented)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_background_aos_up_with_claude_unreachable_serves_work_and_stops_on_sigint(
+    tmp_path: Path,
+) -> None:
+    """`ANTHROPIC_BASE_URL=<a server answering 501> aos up &`: the stack comes up (Claude
+    is degraded, not a reason to be not ready), a goal that needs no Claude completes,
+    `aos run show ID | head -1` ends quietly, and `kill -INT` stops everything."""
+    with (
+        endpoint_answering_501() as claude,
+        started_aos_up(
+            tmp_path,
+            {"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": claude},
+            as_background_job=True,
+        ) as up,
+    ):
+        state = up.wait_for_state()
+        executor = state["services"]["executor"]
+        readiness = httpx.get(f"{executor}/readyz", timeout=10)
+        assert readiness.status_code == 200, readiness.text
+        assert readiness.json()["degraded"] == {"anthropic": f"GET {claude}/v1/models answered 501"}
+        doctor = up.aos("doctor")
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert f"degraded anthropic: GET {claude}/v1/models answered 501" in doctor.stdout
+        assert "all ready (degraded: executor anthropic)" in doctor.stdout
+
+        done = up.aos(
+            "goal", "submit", "bench 2", "--tenant", "e2e", "--budget-cents", "5",
+            "--wait", "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        run_id = json.loads(done.stdout)["run_id"]
+        deadline = time.monotonic() + 60
+        while "completed" not in (shown := up.aos("run", "show", run_id)).stdout:
+            assert time.monotonic() < deadline, shown.stdout + shown.stderr
+            time.sleep(0.5)
+        piped = subprocess.run(
+            f"{sys.executable} -m aos_cli run show {run_id} --data-dir {up.data_dir} | head -1;"
+            " exit ${PIPESTATUS[0]}",
+            shell=True,
+            executable="/bin/bash",
+            env=up.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert piped.stderr == ""
+        assert piped.returncode in (0, 141)
+        assert len(piped.stdout.splitlines()) == 1
+
+        started = descendants(up.proc.pid)
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(120) == 0, up.output()
+        left = sorted(pid for pid in started if alive(pid))
+        assert left == [], f"still running after aos up stopped: {left}"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aos_contracts.json_transform import TransformError, apply
 from aos_contracts.skills import JsonTransformParams
-from aos_executor.json_transform import TransformError, apply
 from aos_executor.references import UnresolvedReference, resolve
 
 

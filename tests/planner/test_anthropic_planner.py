@@ -225,3 +225,76 @@ async def test_an_api_failure_is_not_a_rejection_the_goal_is_retried_later(
     api.replies = [error(529, "overloaded_error", "Overloaded")]
     with pytest.raises(anthropic.APIStatusError):
         await decide(goal(), planner(api))
+
+
+async def test_a_dated_model_is_reserved_and_charged_at_its_own_price(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(SUMMARY_PLAN)]
+    client = AsyncAnthropic(api_key="test-key", base_url=api.base_url, max_retries=0)
+    dated = AnthropicPlanner(client, model="claude-haiku-4-5-20251001", max_tokens=10_000)
+    undated = AnthropicPlanner(client, model="claude-haiku-4-5", max_tokens=10_000)
+    meter = RecordingMeter()
+    outcome = await plan_goal(goal(), dated, meter)
+    assert isinstance(outcome, Planned)
+    (reserved,) = meter.reserved
+    assert reserved == undated.worst_case_cents(api.requests[0]["messages"])
+    assert reserved < 10  # 10 000 output tokens at haiku's 500 cents per MTok: 5, + input
+    # 900 input and 120 output tokens at haiku's price: 0.15 cents, so 1 (the dearest: 3).
+    ((_, charged, _),) = meter.finished
+    assert charged == 1
+
+
+# Fails the Plan schema (an id with capitals, an unknown field) and, besides, names a skill
+# that does not exist and an input the goal does not have.
+SCHEMA_AND_MORE: dict[str, Any] = {
+    "steps": [
+        {"id": "Fetch", "skill": "teleport", "params": {}},
+        {
+            "id": "summary",
+            "skill": "llm_invoke",
+            "params": {"prompt": "Summarise ${goal.inputs.body}"},
+            "colour": "blue",
+        },
+    ]
+}
+
+
+async def test_a_plan_failing_the_schema_is_repaired_with_every_reason(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(SCHEMA_AND_MORE), plan_call(SUMMARY_PLAN)]
+    events = await decide(goal(), planner(api))
+    assert isinstance(events[-1], PlanCreated)
+    feedback = api.requests[1]["messages"][-1]["content"][0]["content"]
+    assert "steps.0.id: String should match pattern" in feedback
+    assert "steps.1.colour: Extra inputs are not permitted" in feedback
+    assert "step 'Fetch': unknown skill 'teleport'" in feedback
+    assert "${goal.inputs.body} needs the goal input 'body', which is missing" in feedback
+
+
+async def test_a_plan_failing_the_schema_twice_is_rejected_with_every_reason(
+    api: ScriptedMessagesApi,
+) -> None:
+    api.replies = [plan_call(SCHEMA_AND_MORE), plan_call(SCHEMA_AND_MORE)]
+    rejected = (await decide(goal(), planner(api)))[-1]
+    assert isinstance(rejected, PlanRejected)
+    assert rejected.code is FailureCode.PLAN_INVALID
+    reasons = rejected.reasons[1:]
+    assert any(reason.startswith("steps.0.id:") for reason in reasons)
+    assert "step 'Fetch': unknown skill 'teleport'" in reasons
+    assert any("needs the goal input 'body'" in reason for reason in reasons)
+
+
+async def test_a_plan_naming_a_missing_input_is_repaired_with_it(
+    api: ScriptedMessagesApi,
+) -> None:
+    wrong_input = {
+        "steps": [
+            {"id": "summary", "skill": "llm_invoke", "params": {"prompt": "${goal.inputs.txt}"}}
+        ]
+    }
+    api.replies = [plan_call(wrong_input), plan_call(SUMMARY_PLAN)]
+    assert isinstance((await decide(goal(), planner(api)))[-1], PlanCreated)
+    feedback = api.requests[1]["messages"][-1]["content"][0]["content"]
+    assert "needs the goal input 'txt', which is missing (the goal's inputs: text)" in feedback

@@ -60,7 +60,7 @@ async def test_accepted_goal_gets_run_accepted_then_plan_created_with_derived_id
     assert isinstance(created, PlanCreated)
     assert created.budget_cents == 100
     assert created.inputs == {"text": "hello"}
-    assert created.estimated_cents == estimate_cents(created.plan) > 0
+    assert created.estimated_cents == estimate_cents(created.plan, created.inputs) > 0
 
 
 async def test_a_goal_no_rule_matches_is_rejected_with_the_rules_listed() -> None:

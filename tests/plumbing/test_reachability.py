@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from aiohttp import web
 
+from aos_plumbing.http import ServiceHttp
 from aos_plumbing.reachability import AnthropicProbe
 from tests.support.http import serve_on_loopback
 from tests.support.processes import free_port
@@ -35,7 +37,7 @@ async def endpoint() -> AsyncIterator[ModelsEndpoint]:
 
 
 @pytest.mark.parametrize(
-    ("status", "reachable"), [(200, True), (401, True), (404, True), (503, False)]
+    ("status", "reachable"), [(200, True), (401, True), (404, True), (501, False), (503, False)]
 )
 async def test_an_answer_below_500_is_reachable(
     endpoint: ModelsEndpoint, status: int, reachable: bool
@@ -59,3 +61,36 @@ async def test_answers_are_cached_for_the_ttl(endpoint: ModelsEndpoint) -> None:
     endpoint.status = 500
     assert await probe.check() is False
     assert probe.requests == 2
+
+
+async def test_an_unreachable_endpoint_is_degraded_never_not_ready(
+    endpoint: ModelsEndpoint,
+) -> None:
+    """A Messages API server without a models endpoint answers 501: the service says
+    Claude is degraded, and why, and stays ready for the work that does not need it."""
+    endpoint.status = 501
+    probe = AnthropicProbe("sk-test", f"http://127.0.0.1:{endpoint.port}", ttl_s=0)
+    http = ServiceHttp("executor", "127.0.0.1", free_port())
+
+    async def nats_up() -> bool:
+        return True
+
+    http.add_check("nats", nats_up)
+    http.add_advisory("anthropic", probe.problem)
+    await http.start()
+    try:
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(f"http://127.0.0.1:{http.port}/readyz")
+            assert answer.status_code == 200
+            body = answer.json()
+            assert body["ready"] is True
+            assert body["checks"] == {"nats": True}
+            assert body["advisories"] == {"anthropic": False}
+            assert body["degraded"] == {
+                "anthropic": f"GET http://127.0.0.1:{endpoint.port}/v1/models answered 501"
+            }
+            endpoint.status = 401  # a key it does not know: but it is there
+            body = (await client.get(f"http://127.0.0.1:{http.port}/readyz")).json()
+            assert body["advisories"] == {"anthropic": True} and body["degraded"] == {}
+    finally:
+        await http.stop()

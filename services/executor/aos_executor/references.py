@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aos_contracts.json_transform import TransformError, lookup
 from aos_contracts.plans import EMBEDDED_REFERENCE_RE, REFERENCE_RE
-from aos_executor.json_transform import TransformError, lookup
 
 
 class UnresolvedReference(ValueError):

@@ -170,7 +170,7 @@ class ExecutorService:
             probe = AnthropicProbe(
                 settings.anthropic_api_key.get_secret_value(), settings.anthropic_base_url
             )
-            self.http.add_check("anthropic", probe.check)
+            self.http.add_advisory("anthropic", probe.problem)
 
     # --- lifecycle -----------------------------------------------------------------------
 

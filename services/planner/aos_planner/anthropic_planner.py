@@ -2,10 +2,12 @@
 
 The skills and their input schemas are described to Claude, and one tool,
 `submit_plan`, takes the plan; `tool_choice` forces the reply to be that call. The reply
-is parsed into a Plan and validated like any plan (skills, params, references, cycles).
-An unparseable or invalid reply — or one cut off by `max_tokens` — gets one
-repair attempt: the errors go back to Claude as the tool's error result. If the second
-reply is no better, the goal is rejected with every reason.
+is parsed into a Plan and validated like any plan (skills, params, references, cycles,
+the goal's inputs). A reply that fails the Plan schema is read as far as it can be, so
+its every problem is listed, not only the schema's. An unparseable or invalid reply —
+or one cut off by `max_tokens` — gets one repair attempt: the errors go back to Claude
+as the tool's error result. If the second reply is no better, the goal is rejected with
+every reason.
 
 Each call is metered (`CallMeter`): in the service, reserved on the ledger for its worst
 case before it is made and charged to the run after. Whether the plan fits the budget
@@ -20,19 +22,18 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import cast
+from typing import Any, cast
 
 import anthropic
 from anthropic import AsyncAnthropic
 from anthropic.types import Message, MessageParam, ToolChoiceToolParam, ToolParam, ToolUseBlock
-from pydantic import ValidationError
 
 from aos_contracts.events import GoalSubmitted, StepTelemetry
 from aos_contracts.failures import FailureCode
 from aos_contracts.plans import DEFAULT_PLAN_LIMITS, Plan, PlanLimits
 from aos_contracts.skills import SKILL_CONTRACTS, estimate_input_tokens, llm_cost_cents
 from aos_planner.backend import CallMeter, OverBudget, PlanningFailed, Unmetered
-from aos_planner.planning import validation_problems
+from aos_planner.planning import read_plan
 
 PLAN_TOOL = "submit_plan"
 REPAIR_ATTEMPTS = 1
@@ -92,7 +93,8 @@ class AnthropicPlanner:
 
     def worst_case_cents(self, messages: list[MessageParam]) -> int:
         """What one call may cost at most: the prompt's estimated tokens, and every allowed
-        output token, at the model's price (the dearest model's, when it is unknown)."""
+        output token, at the model's price (`llm_price`: a dated id by its prefix, an unknown
+        model at the dearest price)."""
         chars = self._fixed_prompt_chars + len(json.dumps(messages, default=str))
         return llm_cost_cents(self.model, estimate_input_tokens("x" * chars), self.max_tokens)
 
@@ -109,7 +111,7 @@ class AnthropicPlanner:
         ]
         problems: list[str] = []
         for attempt in range(1 + REPAIR_ATTEMPTS):
-            reply, (plan, problems, tool_use) = await self._call(messages, meter)
+            reply, (plan, problems, tool_use) = await self._call(messages, meter, goal.inputs)
             if plan is not None:
                 return plan
             if attempt == REPAIR_ATTEMPTS:
@@ -121,7 +123,7 @@ class AnthropicPlanner:
         )
 
     async def _call(
-        self, messages: list[MessageParam], meter: CallMeter
+        self, messages: list[MessageParam], meter: CallMeter, inputs: dict[str, Any]
     ) -> tuple[Message, tuple[Plan | None, list[str], ToolUseBlock | None]]:
         """One metered call, and what its reply holds: the call is reserved before, and
         its cost (from reported usage) reported after, with whether it held a plan."""
@@ -149,8 +151,16 @@ class AnthropicPlanner:
                 )
             raise
         usage = reply.usage
-        cost = llm_cost_cents(self.model, usage.input_tokens, usage.output_tokens)
-        read = _read_reply(reply, self.limits)
+        # Priced by the model asked for, like the reservation (the reply may name a dated
+        # id of it; `llm_price` prices both alike), cache tokens included.
+        cost = llm_cost_cents(
+            self.model,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_creation_input_tokens or 0,
+            usage.cache_read_input_tokens or 0,
+        )
+        read = _read_reply(reply, self.limits, inputs)
         await meter.after_call(
             cost,
             outcome="plan" if read[0] is not None else "invalid",
@@ -187,25 +197,18 @@ def _goal_prompt(goal: GoalSubmitted, over_budget: OverBudget | None) -> str:
 
 
 def _read_reply(
-    reply: Message, limits: PlanLimits
+    reply: Message, limits: PlanLimits, inputs: dict[str, Any]
 ) -> tuple[Plan | None, list[str], ToolUseBlock | None]:
-    """The plan in the reply if it is valid; otherwise every reason it is not. The budget
-    is not judged here: `decide` does that, against what the run has left after planning."""
+    """The plan in the reply if it is valid; otherwise every reason it is not (the
+    schema's errors and everything else: `read_plan`). The budget is not judged here:
+    `decide` does that, against what the run has left after planning."""
     tool_use = next((block for block in reply.content if isinstance(block, ToolUseBlock)), None)
     if reply.stop_reason == "max_tokens":
         return None, ["the reply was cut off by max_tokens before the plan was complete"], tool_use
     if tool_use is None or tool_use.name != PLAN_TOOL:
         return None, [f"the reply did not call {PLAN_TOOL}"], tool_use
-    try:
-        plan = Plan.model_validate(tool_use.input)
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc']) or 'plan'}: {error['msg']}"
-            for error in exc.errors()[:10]
-        ]
-        return None, problems, tool_use
-    problems = validation_problems(plan, limits)
-    return (None if problems else plan), problems, tool_use
+    plan, problems = read_plan(tool_use.input, limits, inputs)
+    return plan, problems, tool_use
 
 
 def _repair_turn(

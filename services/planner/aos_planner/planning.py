@@ -3,7 +3,9 @@
 Whatever the backend, a plan is validated here before it is accepted: every skill
 exists, params fit the skill's input schema, references point at earlier steps and at
 fields their output has, no cycles, step count and depth within the configured limits,
-and the worst-case cost (each skill's cost model) fits what the run has left once
+references to the goal's inputs name inputs the goal has (and json_transform steps over
+them succeed: preview.py runs them), and the worst-case cost (each skill's cost model,
+from the params resolved from the goal's inputs) fits what the run has left once
 planning is paid for. An invalid plan is rejected with every reason and never runs; a
 plan above the budget is asked for again, once, when the goal allows it.
 """
@@ -14,6 +16,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
 
 from aos_contracts.events import (
     EventEnvelope,
@@ -28,12 +33,14 @@ from aos_contracts.plans import (
     DEFAULT_PLAN_LIMITS,
     Plan,
     PlanLimits,
+    PlanStep,
     limit_problems,
     plan_problems,
     references_in,
 )
 from aos_contracts.skills import SKILL_CONTRACTS, output_fields_by_skill
 from aos_planner.backend import CallMeter, OverBudget, Planner, PlanningFailed, Unmetered
+from aos_planner.preview import preview
 
 
 def param_problems(plan: Plan) -> list[str]:
@@ -62,16 +69,10 @@ def param_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def estimate_cents(plan: Plan) -> int:
-    """Worst-case cost of the plan from each skill's cost model."""
-    total = 0
-    for step in plan.steps:
-        contract = SKILL_CONTRACTS[step.skill]
-        try:
-            total += contract.estimate_cents(step.params)
-        except ValueError:
-            continue  # params with unresolved references are estimated at run time
-    return total
+def estimate_cents(plan: Plan, inputs: dict[str, Any] | None = None) -> int:
+    """Worst-case cost of the plan from each skill's cost model, with its params resolved
+    from the goal's `inputs` as far as they can be before the run (preview.py)."""
+    return preview(plan, inputs).cents
 
 
 def validation_problems(plan: Plan, limits: PlanLimits = DEFAULT_PLAN_LIMITS) -> list[str]:
@@ -82,6 +83,69 @@ def validation_problems(plan: Plan, limits: PlanLimits = DEFAULT_PLAN_LIMITS) ->
         + plan_problems(plan, set(SKILL_CONTRACTS), output_fields_by_skill())
         + param_problems(plan)
     )
+
+
+MAX_SCHEMA_ERRORS = 20
+
+
+def read_plan(
+    raw: Any, limits: PlanLimits = DEFAULT_PLAN_LIMITS, inputs: dict[str, Any] | None = None
+) -> tuple[Plan | None, list[str]]:
+    """A plan given as JSON (a model's tool call): the plan when it is valid, else None
+    and every reason: the schema's errors, and what validation and the goal's `inputs`
+    find wrong with the parts that can be read (unknown skills, references, params,
+    missing inputs), so that one repair can fix them all."""
+    try:
+        plan = Plan.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'plan'}: {error['msg']}"
+            for error in errors[:MAX_SCHEMA_ERRORS]
+        ]
+        if len(errors) > MAX_SCHEMA_ERRORS:
+            problems.append(f"and {len(errors) - MAX_SCHEMA_ERRORS} more schema errors")
+        readable = _readable_part(raw)
+        if readable is not None:
+            found = validation_problems(readable, limits) + preview(readable, inputs).problems
+            problems += [problem for problem in found if problem not in problems]
+        return None, problems
+    problems = validation_problems(plan, limits) + preview(plan, inputs).problems
+    return (None if problems else plan), problems
+
+
+def _readable_part(raw: Any) -> Plan | None:
+    """The steps of a plan that fails the schema, as far as they can be read: each with
+    a string id and skill (a step that fails the schema only elsewhere is taken as it
+    is, its params and depends_on kept when they have the right type)."""
+    items = raw.get("steps") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        return None
+    steps: list[PlanStep] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        try:
+            steps.append(PlanStep.model_validate(item))
+            continue
+        except ValidationError:
+            pass
+        step_id, skill = item.get("id"), item.get("skill")
+        if not isinstance(step_id, str) or not isinstance(skill, str):
+            continue
+        params = item.get("params")
+        deps = item.get("depends_on")
+        if not isinstance(deps, list):
+            deps = []
+        steps.append(
+            PlanStep.model_construct(
+                id=step_id,
+                skill=skill,
+                params=params if isinstance(params, dict) else {},
+                depends_on=[dep for dep in deps if isinstance(dep, str)],
+            )
+        )
+    return Plan.model_construct(steps=steps, rationale="") if steps else None
 
 
 Validate = Callable[[Plan], list[str]]
@@ -126,10 +190,10 @@ async def plan_goal(
         plan = recorded if recorded is not None else await planner.make_plan(goal, meter)
     except PlanningFailed as exc:
         return refused(exc.reasons, exc.code)
-    problems = validate(plan)
-    if problems:
-        return refused(problems, FailureCode.PLAN_INVALID)
-    estimate = estimate_cents(plan)
+    refusal = _invalid(plan, goal, validate)
+    if refusal is not None:
+        return refused(*refusal)
+    estimate = estimate_cents(plan, goal.inputs)
     over_budget = _over_budget(estimate, goal, meter.spent_cents)
     if over_budget is None:
         return Planned(plan, estimate, meter.spent_cents)
@@ -140,13 +204,13 @@ async def plan_goal(
         plan = await planner.make_plan(goal, meter, over_budget=first)
     except PlanningFailed as exc:
         return refused([over_budget, *exc.reasons], exc.code)
-    problems = validate(plan)
-    if problems:
+    refusal = _invalid(plan, goal, validate)
+    if refusal is not None:
+        problems, code = refusal
         return refused(
-            [over_budget, "the plan asked for within the budget is invalid:", *problems],
-            FailureCode.PLAN_INVALID,
+            [over_budget, "the plan asked for within the budget is invalid:", *problems], code
         )
-    estimate = estimate_cents(plan)
+    estimate = estimate_cents(plan, goal.inputs)
     still_over = _over_budget(estimate, goal, meter.spent_cents)
     if still_over is not None:
         return refused(
@@ -154,6 +218,20 @@ async def plan_goal(
             FailureCode.BUDGET_EXCEEDED,
         )
     return Planned(plan, estimate, meter.spent_cents, replanned=True)
+
+
+def _invalid(
+    plan: Plan, goal: GoalSubmitted, validate: Validate
+) -> tuple[list[str], FailureCode] | None:
+    """Every reason the plan cannot run for this goal, with its code: INPUT_INVALID when
+    the only reasons are the goal's inputs (a reference to an input it lacks; the code
+    the step would have failed with at run time), else PLAN_INVALID. None: it can run."""
+    plan_reasons = validate(plan)
+    input_reasons = preview(plan, goal.inputs).problems
+    if not plan_reasons and not input_reasons:
+        return None
+    code = FailureCode.PLAN_INVALID if plan_reasons else FailureCode.INPUT_INVALID
+    return plan_reasons + input_reasons, code
 
 
 def _over_budget(estimate: int, goal: GoalSubmitted, planning_cents: int) -> str | None:

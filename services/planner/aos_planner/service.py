@@ -125,7 +125,7 @@ class PlannerService:
         key = self.settings.anthropic_api_key
         if self.settings.backend == "anthropic" and key is not None:
             probe = AnthropicProbe(key.get_secret_value(), self.settings.anthropic_base_url)
-            self.http.add_check("anthropic", probe.check)
+            self.http.add_advisory("anthropic", probe.problem)
         await self.http.start()
 
     async def catch_up(self) -> None:

@@ -200,7 +200,7 @@ class StubPlanner:
             raise PlanningFailed([str(exc)]) from exc
         if over_budget is None:
             return plan
-        return within_budget(plan, over_budget.remaining_cents)
+        return within_budget(plan, over_budget.remaining_cents, goal.inputs)
 
     def plan(self, goal: str, inputs: dict[str, Any]) -> Plan:
         for _label, pattern, build in RULES:
@@ -211,9 +211,10 @@ class StubPlanner:
         raise NoRuleMatched(f"the stub planner has no rule for this goal (rules: {labels})")
 
 
-def within_budget(plan: Plan, budget_cents: int) -> Plan:
+def within_budget(plan: Plan, budget_cents: int, inputs: dict[str, Any] | None = None) -> Plan:
     """The plan with every llm_invoke's max_tokens lowered to the largest common value
-    whose worst case fits `budget_cents` (a binary search: the estimate grows with it)."""
+    whose worst case (from the goal's `inputs`) fits `budget_cents` (a binary search: the
+    estimate grows with it)."""
 
     def capped(limit: int) -> Plan:
         steps = [
@@ -227,7 +228,7 @@ def within_budget(plan: Plan, budget_cents: int) -> Plan:
         return plan.model_copy(update={"steps": steps})
 
     highest = max((_max_tokens(s) for s in plan.steps if s.skill == "llm_invoke"), default=0)
-    if highest == 0 or estimate_cents(capped(1)) > budget_cents:
+    if highest == 0 or estimate_cents(capped(1), inputs) > budget_cents:
         raise PlanningFailed(
             [f"no stub plan for this goal fits in {budget_cents} cents"],
             FailureCode.BUDGET_EXCEEDED,
@@ -235,7 +236,7 @@ def within_budget(plan: Plan, budget_cents: int) -> Plan:
     low, high = 1, highest  # capped(low) fits
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate_cents(capped(middle)) <= budget_cents:
+        if estimate_cents(capped(middle), inputs) <= budget_cents:
             low = middle
         else:
             high = middle - 1

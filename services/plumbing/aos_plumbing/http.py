@@ -1,7 +1,10 @@
 """Each service's HTTP side: /healthz, /readyz, /metrics (and whatever routes it adds).
 
 /healthz says only that the event loop turns (a NATS blip must not restart every pod);
-/readyz runs the service's checks (NATS, its stores) and lists its backends.
+/readyz runs the service's checks (NATS, its stores) and lists its backends. A dependency
+only some of the work needs (Claude: a plan of json_transform steps never calls it) is an
+advisory: when it fails, /readyz lists it under `degraded` with why, and stays ready, so
+a third party's outage never takes every replica out of rotation or stops `aos up`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from aos_plumbing import metrics
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+# None when the dependency is fine, else what is wrong with it.
+AdvisoryCheck = Callable[[], Awaitable[str | None]]
+CHECK_TIMEOUT_S = 2.0
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_STALE_S = 10.0
@@ -30,6 +36,7 @@ class ServiceHttp:
         self.host = host
         self.port = port
         self.checks: dict[str, ReadinessCheck] = {}
+        self.advisories: dict[str, AdvisoryCheck] = {}
         self.backends: dict[str, str] = {}
         self.app = web.Application()
         self.app.router.add_get("/healthz", self._healthz)
@@ -41,6 +48,11 @@ class ServiceHttp:
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
+
+    def add_advisory(self, name: str, check: AdvisoryCheck) -> None:
+        """A dependency reported in /readyz (`advisories`, and `degraded` when it fails)
+        that never makes the service not ready."""
+        self.advisories[name] = check
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -75,13 +87,30 @@ class ServiceHttp:
         results: dict[str, Any] = {}
         for name, check in self.checks.items():
             try:
-                results[name] = bool(await asyncio.wait_for(check(), timeout=2.0))
+                results[name] = bool(await asyncio.wait_for(check(), timeout=CHECK_TIMEOUT_S))
             except Exception as exc:  # noqa: BLE001 - a failing check is a result
                 results[name] = False
                 results[f"{name}_error"] = type(exc).__name__
         ready = all(value for key, value in results.items() if not key.endswith("_error"))
+        advisories: dict[str, bool] = {}
+        degraded: dict[str, str] = {}
+        for name, advisory in self.advisories.items():
+            try:
+                problem = await asyncio.wait_for(advisory(), timeout=CHECK_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a failing check is a result
+                problem = f"check failed: {type(exc).__name__}"
+            advisories[name] = problem is None
+            if problem is not None:
+                degraded[name] = problem
         return web.json_response(
-            {"service": self.service, "ready": ready, "checks": results, "backends": self.backends},
+            {
+                "service": self.service,
+                "ready": ready,
+                "checks": results,
+                "advisories": advisories,
+                "degraded": degraded,
+                "backends": self.backends,
+            },
             status=200 if ready else 503,
         )
 

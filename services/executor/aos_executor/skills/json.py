@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from aos_contracts import json_transform
 from aos_contracts.failures import FailureCode
 from aos_contracts.skills import SKILL_CONTRACTS, JsonTransformParams
-from aos_executor import json_transform
 from aos_executor.skills.base import SkillContext, SkillError, SkillResult
 
 

@@ -6,13 +6,13 @@ runs. The skill publishes those deltas as progress and records usage in the trac
 
 Cost: before the call the contract estimates the worst case (every `max_tokens` at the
 output price, see aos_contracts.skills); after it, the adapter prices the usage the
-provider reported, cache writes and reads included, from `PRICES`.
+provider reported, cache writes and reads included, by the same rule
+(`aos_contracts.skills.llm_price`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,11 +21,11 @@ from pydantic import BaseModel
 
 from aos_contracts.events import StepTelemetry
 from aos_contracts.skills import (
-    LLM_PRICES_CENTS_PER_MTOK,
     SKILL_CONTRACTS,
     LlmInvokeParams,
     SkillContract,
     estimate_input_tokens,
+    llm_cost_cents,
 )
 from aos_executor.skills.base import SkillContext, SkillResult
 from aos_executor.skills.circuit import CircuitState
@@ -42,37 +42,6 @@ LLM_CENTS = metrics.counter("aos_llm_cents_total", "LLM spend in cents, by model
 
 
 @dataclass(frozen=True)
-class ModelPrice:
-    """Cents per million tokens."""
-
-    input: float
-    output: float
-    cache_write: float
-    cache_read: float
-
-
-def _claude_price(input_price: int, output_price: int) -> ModelPrice:
-    # Anthropic's prompt caching: writes cost 1.25x input (5-minute cache), reads 0.1x.
-    return ModelPrice(input_price, output_price, input_price * 1.25, input_price * 0.1)
-
-
-PRICES: dict[str, ModelPrice] = {
-    model: _claude_price(price_in, price_out)
-    for model, (price_in, price_out) in LLM_PRICES_CENTS_PER_MTOK.items()
-}
-DEAREST = max(PRICES.values(), key=lambda price: price.output)
-
-
-def price_of(model: str) -> ModelPrice:
-    """Exact name, else the longest known prefix (`claude-haiku-4-5-20251001`), else the
-    dearest model: an unknown model is never cheaper than it should be."""
-    if model in PRICES:
-        return PRICES[model]
-    prefixes = [name for name in PRICES if model.startswith(name)]
-    return PRICES[max(prefixes, key=len)] if prefixes else DEAREST
-
-
-@dataclass(frozen=True)
 class TokenUsage:
     input_tokens: int = 0
     output_tokens: int = 0
@@ -80,15 +49,13 @@ class TokenUsage:
     cache_read_input_tokens: int = 0
 
     def cost_cents(self, model: str) -> int:
-        price = price_of(model)
-        total = (
-            self.input_tokens * price.input
-            + self.output_tokens * price.output
-            + self.cache_creation_input_tokens * price.cache_write
-            + self.cache_read_input_tokens * price.cache_read
+        return llm_cost_cents(
+            model,
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_read_input_tokens,
         )
-        # Round to a micro-cent first so float noise never adds a whole cent.
-        return math.ceil(round(total / 1_000_000, 6))
 
     def as_dict(self) -> dict[str, int]:
         return {

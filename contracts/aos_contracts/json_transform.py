@@ -1,5 +1,8 @@
 """json_transform: deterministic operations over JSON values (the real one is the stub).
 
+In the contracts because both sides run them: the executor for the step, the planner to
+learn before the run what a step over the goal's inputs will produce (or fail on).
+
 Paths are dot-separated; a token that is an integer indexes a list; the empty path is the
 value itself. A missing path or a value of the wrong type raises TransformError naming
 the path; the skill turns it into INPUT_INVALID.
