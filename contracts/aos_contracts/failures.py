@@ -81,3 +81,8 @@ class Failure(BaseModel):
     @classmethod
     def of(cls, code: FailureCode, message: str) -> Failure:
         return cls(code=code, message=message, retryable=RETRYABLE[code])
+
+    def final(self, why: str) -> Failure:
+        """This failure, never to be retried (`why` says why): e.g. a call whose outcome is
+        unknown and whose effect must not happen twice."""
+        return self.model_copy(update={"retryable": False, "message": f"{self.message}; {why}"})

@@ -221,6 +221,24 @@ async def test_unsafe_methods_are_not_retried_on_5xx(origin: Origin, harness: Ha
     error = await harness.fails(url=origin.url("/order"), method="POST", json_body={"n": 1})
     assert error.failure.code is FailureCode.HTTP_5XX
     assert origin.hits("/order") == 1  # a POST that may have been processed is not repeated
+    # Nor by the step's next attempt: the failure says it must not be retried, and why.
+    assert not error.failure.retryable and "not sent again" in error.failure.message
+
+
+async def test_an_unsafe_call_cut_off_is_not_retried_by_the_step_either(
+    origin: Origin, harness: Harness
+) -> None:
+    origin.script["/pay"] = [Reply(hang=True)]
+    error = await harness.fails(url=origin.url("/pay"), method="POST", timeout_s=0.2)
+    assert error.failure.code is FailureCode.SKILL_TIMEOUT and not error.failure.retryable
+    assert origin.hits("/pay") == 1
+    # Declared idempotent (the server deduplicates by Idempotency-Key): retried, same key.
+    origin.release.set()
+    origin.script["/pay-once"] = [Reply(500, text="hiccup"), Reply(json={"paid": True})]
+    result = await harness.call(url=origin.url("/pay-once"), method="POST", idempotent=True)
+    assert result.output["body"] == {"paid": True}
+    keys = {r["headers"]["idempotency-key"] for r in origin.seen if r["path"] == "/pay-once"}
+    assert len(keys) == 1
 
 
 async def test_refused_connection_is_retried_and_reported(harness: Harness) -> None:

@@ -156,3 +156,31 @@ async def test_an_unsafe_step_whose_claim_store_is_down_fails_retryably_without_
     (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
     assert failed.error.code is FailureCode.DEPENDENCY_UNAVAILABLE
     assert failed.error.retryable and failed.will_retry
+
+
+async def test_an_unsafe_step_cut_off_by_its_timeout_is_not_retried(
+    infra: InfraUrls, namespace: str
+) -> None:
+    """Its effect may have happened: the step fails for good instead of calling again once
+    the claim expires (which would make the effect twice)."""
+    effect = CountingEffect(delay_s=5.0)
+    service = ExecutorService(
+        ExecutorSettings.model_validate({"REDIS_URL": infra.redis_url, "AOS_NAMESPACE": namespace}),
+        skills={"http_call": effect},
+    )
+    bus = RecordingBus()
+    service.bus = bus  # type: ignore[assignment]
+    service.running = True
+    step_plan = http_step("POST").model_copy(update={"timeout_s": 0.2})
+    state, _ = planned(step_plan)
+    state.apply(reserved_for(state, "call"))
+    step = state.steps["call"]
+    step.status = StepStatus.RUNNING
+    try:
+        await service._execute(state, step)
+    finally:
+        await service.idempotency.close()
+    assert effect.calls == 1
+    (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
+    assert failed.error.code is FailureCode.SKILL_TIMEOUT
+    assert not failed.error.retryable and not failed.will_retry

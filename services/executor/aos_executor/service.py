@@ -515,6 +515,9 @@ class ExecutorService:
             failure = Failure.of(
                 FailureCode.SKILL_TIMEOUT, f"{step.step.skill} took longer than its timeout"
             )
+            if skill is not None and not skill.contract.retry_safe(params):
+                # Cut off mid-call: its effect may have happened, so never call again.
+                failure = failure.final("the call's outcome is unknown and it is not retry-safe")
         except Exception as exc:  # a skill bug fails the step, not the run loop
             if is_outage(exc):
                 # The claim store (Redis) is down, not the skill broken: a retryable

@@ -45,6 +45,13 @@ IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 USER_AGENT = "aos-executor/1 (http_call)"
 
 
+UNSAFE_TO_REPEAT = (
+    "not sent again: the server may have processed it and the request is not safe to "
+    "repeat (a GET, PUT or DELETE is; a POST or PATCH with idempotent: true, when the "
+    "server deduplicates by Idempotency-Key)"
+)
+
+
 class _Outcome(Exception):
     """One call's failure, with whether retrying may help and what the server asked."""
 
@@ -206,14 +213,18 @@ class HttpCallSkill:
                     breaker.record_failure()
                 else:
                     breaker.record_success()
-                retryable = outcome.failure.retryable and (
-                    outcome.safe_to_retry or self.contract.retry_safe(params.model_dump())
+                may_call_again = outcome.safe_to_retry or self.contract.retry_safe(
+                    params.model_dump()
                 )
+                retryable = outcome.failure.retryable and may_call_again
                 delay = self.retry.delay(len(delays), outcome.retry_after) if retryable else None
                 if delay is None:
+                    failure = outcome.failure
+                    if failure.retryable and not may_call_again:
+                        # Nor as the step's next attempt: the server may have acted on it.
+                        failure = failure.final(UNSAFE_TO_REPEAT)
                     raise SkillError(
-                        outcome.failure,
-                        self._telemetry(breaker, calls, delays, outcome.status_code),
+                        failure, self._telemetry(breaker, calls, delays, outcome.status_code)
                     ) from None
                 delays.append(round(delay, 3))
                 await self.retry.sleep(delay)
