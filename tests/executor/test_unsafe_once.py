@@ -14,6 +14,7 @@ from aos_cli.embedded import InfraUrls
 from aos_contracts.events import StepFailed
 from aos_contracts.failures import Failure, FailureCode
 from aos_contracts.skills import SKILL_CONTRACTS, HttpCallParams, SkillContract
+from aos_executor.idempotency import Claim, InMemoryIdempotencyStore
 from aos_executor.runs import StepStatus
 from aos_executor.service import ExecutorService
 from aos_executor.settings import ExecutorSettings
@@ -133,11 +134,15 @@ class RecordingBus:
 async def test_an_unsafe_step_whose_claim_store_is_down_fails_retryably_without_the_effect(
     namespace: str,
 ) -> None:
-    """Redis down (a port nothing listens on): the step is not called, and its failure is
-    DEPENDENCY_UNAVAILABLE, retryable, so the run waits it out within its retry policy
-    instead of failing SKILL_ERROR at once."""
+    """Redis down (a port nothing listens on) for longer than AOS_OUTAGE_GIVE_UP_S: the
+    claim is tried again with backoff for that long, the step is never called, and its
+    failure is DEPENDENCY_UNAVAILABLE (retryable), not SKILL_ERROR."""
     settings = ExecutorSettings.model_validate(
-        {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "AOS_NAMESPACE": namespace}
+        {
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "AOS_NAMESPACE": namespace,
+            "AOS_OUTAGE_GIVE_UP_S": "1",  # waited out with backoff for this long first
+        }
     )
     effect = CountingEffect()
     service = ExecutorService(settings, skills={"http_call": effect})
@@ -184,3 +189,32 @@ async def test_an_unsafe_step_cut_off_by_its_timeout_is_not_retried(
     (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
     assert failed.error.code is FailureCode.SKILL_TIMEOUT
     assert not failed.error.retryable and not failed.will_retry
+
+
+class FlakyClaims(InMemoryIdempotencyStore):
+    """A claim store that is unreachable for its first `down_for` claims."""
+
+    def __init__(self, down_for: int) -> None:
+        super().__init__()
+        self.down_for = down_for
+
+    async def claim(self, key: str, ttl_s: float) -> Claim:
+        if self.down_for > 0:
+            self.down_for -= 1
+            raise ConnectionError("Redis is restarting")
+        return await super().claim(key, ttl_s)
+
+
+async def test_a_brief_claim_store_outage_is_waited_out_and_the_call_made_once(
+    namespace: str,
+) -> None:
+    service = executor_without_redis(namespace)
+    service.idempotency = FlakyClaims(down_for=3)
+    effect = CountingEffect()
+    service.running = True
+    result = await service.call_skill(effect, PARAMS, context(), key="k", limit_s=5)
+    assert effect.calls == 1 and result.output == {"status": 201, "call": 1}
+
+
+def executor_without_redis(namespace: str) -> ExecutorService:
+    return ExecutorService(ExecutorSettings.model_validate({"AOS_NAMESPACE": namespace}))

@@ -38,10 +38,10 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -106,6 +106,7 @@ from aos_plumbing.outages import describe, is_outage
 from aos_plumbing.reachability import AnthropicProbe
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STEPS = metrics.counter(
     "aos_steps_total", "step attempts by skill and outcome", ("skill", "outcome")
@@ -689,11 +690,11 @@ class ExecutorService:
             async with asyncio.timeout(limit_s):
                 return await skill.run(params, context)
         claim_ttl = limit_s + CLAIM_MARGIN_S
+        claim = await self._through_outages(lambda: self.idempotency.claim(key, claim_ttl))
         deadline = time.monotonic() + claim_ttl + CLAIM_MARGIN_S
-        claim = await self.idempotency.claim(key, claim_ttl)
         while claim.state == "in_flight" and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
-            claim = await self.idempotency.claim(key, claim_ttl)
+            claim = await self._through_outages(lambda: self.idempotency.claim(key, claim_ttl))
         if claim.state == "done":
             recorded = claim.result or {}
             return SkillResult(recorded.get("output"), int(recorded.get("cost_cents", 0)))
@@ -707,11 +708,40 @@ class ExecutorService:
             async with asyncio.timeout(limit_s):
                 result = await skill.run(params, context)
         except SkillError:
-            await self.idempotency.release(key)
+            # A retryable failure lets the next attempt call again; a final one (its
+            # outcome unknown) has no next attempt.
+            try:
+                await self._through_outages(lambda: self.idempotency.release(key))
+            except Exception:  # the failure stands; the claim expires by itself
+                log.warning("step %s: claim not released", context.step_id, exc_info=True)
             raise
         record = {"output": result.output, "cost_cents": result.cost_cents}
-        await self.idempotency.complete(key, record, self.settings.idempotency_ttl_s)
+        try:
+            await self._through_outages(
+                lambda: self.idempotency.complete(key, record, self.settings.idempotency_ttl_s)
+            )
+        except Exception:
+            # The call happened and its result is in hand: the step succeeds, and its
+            # step.succeeded in the log is the record that keeps it from running again.
+            log.warning("step %s: result not recorded in the claim", context.step_id, exc_info=True)
         return result
+
+    async def _through_outages(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, tried again with backoff while its store is unreachable, for up to
+        AOS_OUTAGE_GIVE_UP_S: before an unsafe call nothing has happened yet, so waiting
+        out a Redis outage is safe, and failing the attempt would use up the step's
+        retries in a second."""
+        give_up_at = time.monotonic() + self.settings.outage_give_up_s
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not is_outage(exc) or not self.running or time.monotonic() > give_up_at:
+                    raise
+                log.warning("claim store unreachable (%s); retrying in %.1fs", describe(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _skill_context(self, state: RunState, step: StepState) -> SkillContext:
         """Live progress of the step goes to core NATS (not the log): see docs/SKILLS.md."""
