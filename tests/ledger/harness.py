@@ -51,9 +51,7 @@ class Executor:
         self.namespace = namespace
 
     async def publish(self, event: EventEnvelope) -> int:
-        subject = subject_for_type(
-            event.type, event.tenant, event.run_id, self.namespace
-        )
+        subject = subject_for_type(event.type, event.tenant, event.run_id, self.namespace)
         ack = await self.js.publish(subject, encode_event(event), headers=event_headers(event))
         return int(ack.seq)
 

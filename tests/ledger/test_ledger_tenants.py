@@ -19,7 +19,12 @@ from redis.asyncio import Redis
 from aos_cli.embedded import InfraUrls
 from aos_cli.main import main as aos
 from aos_contracts import AnyEvent, BudgetOpened, BudgetReservationRequested, BudgetReserved
+from aos_contracts.events import GoalSubmitted
+from aos_contracts.subjects import goal_subject
+from aos_ledger.service import LedgerService
+from aos_ledger.settings import LedgerSettings
 from aos_ledger.store import BudgetStore, epoch_ms, period_of
+from aos_plumbing.bus import Delivery, EventBus
 from tests.ledger.harness import (
     DECISIONS,
     TENANT,
@@ -363,3 +368,38 @@ async def test_a_decision_logged_before_its_runs_opening_replays_to_the_same_sta
     assert balances is not None
     assert (balances.cap_cents, balances.reserved_cents, balances.tenant) == (100, 30, TENANT)
     assert (await store.tenant_balances(TENANT, DAY)).reserved_cents == 30
+
+
+async def test_the_budget_is_the_run_owners_whichever_goal_is_handled_first(
+    infra: InfraUrls, namespace: str, store: BudgetStore
+) -> None:
+    """A redelivery can put another tenant's later goal for a run ahead of the owner's
+    (they are on different subjects): the budget still opens for the owner, the first
+    goal for the run id in the log, as the planner decides it."""
+    settings = LedgerSettings.model_validate(
+        {"AOS_NATS_URL": infra.nats_url, "AOS_NAMESPACE": namespace, "REDIS_URL": infra.redis_url}
+    )
+    ledger = LedgerService(settings)
+    ledger.bus = await EventBus.open(settings, "ledger")
+    try:
+        run_id = uuid.uuid4()
+        owner = GoalSubmitted(run_id=run_id, tenant="acme", goal="g", budget_cents=40)
+        intruder = GoalSubmitted(run_id=run_id, tenant="globex", goal="g", budget_cents=9)
+        await ledger.bus.publish(owner)
+        await ledger.bus.publish(intruder)
+        delivery = Delivery(
+            msg=None,  # type: ignore[arg-type]  # the handler reads no message when auth is off
+            stream_seq=2,
+            subject=goal_subject("globex", run_id, namespace),
+            event=intruder,
+            num_delivered=1,
+        )
+        opened = await ledger.handle_goal(delivery)
+    finally:
+        await ledger.bus.close()
+        await ledger.redis.aclose()
+    assert [(e.type, e.tenant, getattr(e, "cap_cents", None)) for e in opened] == [
+        ("budget.opened", "acme", 40)
+    ]
+    balances = await store.balances(run_id)
+    assert balances is not None and (balances.tenant, balances.cap_cents) == ("acme", 40)

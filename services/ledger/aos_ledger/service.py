@@ -303,11 +303,15 @@ class LedgerService:
     # publishes what one run's events in a batch produced in one round trip, then acks.
 
     async def handle_goal(self, delivery: Delivery) -> list[EventEnvelope]:
-        if isinstance(delivery.event, GoalSubmitted) and self.goal_allowed(
-            delivery.event, delivery.msg
-        ):
-            return await self.open_budget(delivery.event)
-        return []
+        goal = delivery.event
+        if not isinstance(goal, GoalSubmitted) or not self.goal_allowed(goal, delivery.msg):
+            return []
+        # The budget is the run owner's (the first admitted goal for the run id, as the
+        # planner decides it), whichever goal naming the run reaches this handler first:
+        # a redelivery can put another tenant's later goal ahead of the owner's.
+        assert self.bus is not None
+        owner = await self.bus.run_owner(goal.run_id, self.goal_allowed)
+        return await self.open_budget(owner or goal)
 
     def goal_allowed(self, goal: GoalSubmitted, msg: Any) -> bool:
         """Whether the goal's token lets it open a budget: the planner's judgement of the
