@@ -385,10 +385,17 @@ class PlannerService:
             return
         assert self.bus is not None
         async with self._run_locks.hold(goal.run_id):
-            logged = await self.bus.run_events("plans", "*", goal.run_id)
-            if any(event.tenant != goal.tenant for event in logged):
-                log.warning("run %s belongs to another tenant; goal ignored", goal.run_id)
+            owner = await self.bus.run_owner(goal.run_id, self._admits)
+            if owner is not None and owner.event_id != goal.event_id:
+                # Not the goal that owns the run (another tenant's, or a later one of
+                # its own): the owner's goal is decided or given up on by itself.
+                log.warning("run %s: goal given up on is not the run's; ignored", goal.run_id)
                 return
+            logged = [
+                event
+                for event in await self.bus.run_events("plans", goal.tenant, goal.run_id)
+                if not isinstance(event, RequestRefused)
+            ]
             if any(isinstance(event, DECIDING) for event in logged):
                 return  # decided before the outage; that decision stands
             spent = sum(e.cost_cents for e in logged if isinstance(e, PlanningCallFinished))
