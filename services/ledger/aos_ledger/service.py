@@ -167,6 +167,10 @@ class LedgerService:
         self._stopping = asyncio.Event()
         self._logged_decisions = RecentIds(LOGGED_DECISIONS_KEPT)
         self._marker = PublishedMarker(self.store)
+        # Rebuilds running or waiting for the lock: while any is, Redis holds a partial
+        # fold of the log and the query API answers 503 instead of wrong numbers.
+        self._rebuilds = 0
+        self._background_rebuild: asyncio.Task[None] | None = None
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -176,6 +180,12 @@ class LedgerService:
 
     async def start(self) -> None:
         self.bus = await EventBus.open(self.settings, self.name)
+        bus = self.bus
+        self.http.add_check("nats", lambda: _true(bus.connected))
+        self.http.add_check("redis", self.store.ping)
+        self.http.add_check("budget_store", lambda: _true(not self.rebuilding))
+        # Serving before the rebuild, so that queries meanwhile are told so (503).
+        await self.http.start()
         await self.rebuild()
         batch = self.settings.consumer_batch
         self.consumers = [
@@ -212,17 +222,14 @@ class LedgerService:
         for consumer in self.consumers:
             await consumer.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
-        bus = self.bus
-        self.http.add_check("nats", lambda: _true(bus.connected))
-        self.http.add_check("redis", self.store.ping)
-        await self.http.start()
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._background_rebuild):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for consumer in self.consumers:
             await consumer.stop()
         await self._marker.flush()
@@ -241,29 +248,41 @@ class LedgerService:
         repairs a Redis restored from an older snapshot. Applying is idempotent, so
         replicas rebuilding at once, or events already applied, do no harm."""
         assert self.bus is not None
-        async with self._rebuild_lock:
-            marker = await self.store.applied_through()
-            start = 1 if marker is None else marker + 1
-            last, changed, pending = start - 1, 0, []
-            async for seq, msg in self.bus.replay("budget", start_seq=start):
-                last = seq
-                try:
-                    pending.append(decode_placed(msg.subject, msg.data))
-                except EventDecodeError:
-                    continue  # the live consumers park what cannot decode or is misplaced
-                if len(pending) >= REPLAY_BATCH:
-                    changed += await self.store.replay(pending)
-                    pending = []
-            changed += await self.store.replay(pending)
-            await self.store.mark_rebuilt(last)
-            log.info(
-                "budget store %s: applied %d events from seq %d to %d (%d changed it)",
-                "rebuilt" if marker is None else "caught up",
-                last - start + 1,
-                start,
-                last,
-                changed,
-            )
+        self._rebuilds += 1
+        try:
+            async with self._rebuild_lock:
+                await self._rebuild()
+        finally:
+            self._rebuilds -= 1
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuilds > 0
+
+    async def _rebuild(self) -> None:
+        assert self.bus is not None
+        marker = await self.store.applied_through()
+        start = 1 if marker is None else marker + 1
+        last, changed, pending = start - 1, 0, []
+        async for seq, msg in self.bus.replay("budget", start_seq=start):
+            last = seq
+            try:
+                pending.append(decode_placed(msg.subject, msg.data))
+            except EventDecodeError:
+                continue  # the live consumers park what cannot decode or is misplaced
+            if len(pending) >= REPLAY_BATCH:
+                changed += await self.store.replay(pending)
+                pending = []
+        changed += await self.store.replay(pending)
+        await self.store.mark_rebuilt(last)
+        log.info(
+            "budget store %s: applied %d events from seq %d to %d (%d changed it)",
+            "rebuilt" if marker is None else "caught up",
+            last - start + 1,
+            start,
+            last,
+            changed,
+        )
 
     async def _decide(self, cause: EventEnvelope, decision: Callable[[], Awaitable[T]]) -> T:
         """Run a store decision, first repairing what would make it unsafe or premature."""
@@ -447,6 +466,9 @@ class LedgerService:
     async def _sweep_forever(self) -> None:
         while not self._stopping.is_set():
             try:
+                # One GET per sweep notices a wiped Redis even when nothing asks.
+                if not self.rebuilding and await self.store.applied_through() is None:
+                    self.rebuild_in_background()
                 await self.sweep_expired()
             except asyncio.CancelledError:
                 raise
@@ -507,6 +529,28 @@ class LedgerService:
 
     # --- http ---------------------------------------------------------------------------
 
+    def rebuild_in_background(self) -> None:
+        """Start a rebuild unless one is under way (a query found Redis wiped)."""
+        if self._background_rebuild is None or self._background_rebuild.done():
+            log.warning("budget store has no marker (wiped?): rebuilding from the log")
+            self._background_rebuild = asyncio.create_task(self.rebuild(), name="rebuild")
+
+    async def _not_current(self) -> web.Response | None:
+        """503 while Redis does not hold the whole fold of the log (a rebuild under way,
+        or no marker: Redis wiped, which starts one): its numbers would be wrong."""
+        if not self.rebuilding and await self.store.applied_through() is not None:
+            return None
+        if not self.rebuilding:
+            self.rebuild_in_background()
+        return web.json_response(
+            {
+                "error": "rebuilding",
+                "reason": "the budget store is being rebuilt from the log; ask again shortly",
+            },
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+
     def _caller(self, request: web.Request) -> str | web.Response | None:
         """The tenant the caller's token confines it to (None: no tokens required), or the
         refusal to send. Budgets are read with the `read` role, like runs in the tracer."""
@@ -526,6 +570,9 @@ class LedgerService:
             return web.json_response(
                 {"error": f"the token is for tenant {caller!r}, not {tenant!r}"}, status=403
             )
+        not_current = await self._not_current()
+        if not_current is not None:
+            return not_current
         period = request.query.get("period") or self.current_period()
         balances = await self.store.tenant_balances(tenant, period)
         cap = self.settings.tenant_cap(tenant)
@@ -546,6 +593,9 @@ class LedgerService:
         caller = self._caller(request)
         if isinstance(caller, web.Response):
             return caller
+        not_current = await self._not_current()
+        if not_current is not None:
+            return not_current
         balances = await self.store.balances(run_id)
         # Another tenant's run is answered as unknown: its existence is not the caller's.
         if balances is None or (caller is not None and balances.tenant != caller):

@@ -150,6 +150,31 @@ def _readable_part(raw: Any) -> Plan | None:
 
 Validate = Callable[[Plan], list[str]]
 
+# The largest goal.submitted message (its bytes on the bus: text, inputs and envelope)
+# the planner plans. NATS refuses messages above its max payload (1 MiB by default), and
+# the events derived from a goal copy it: run.accepted holds its text and inputs,
+# plan.created its inputs next to the plan, step.started params resolved from the inputs.
+# A quarter of the max payload leaves room for each of those, and for a parked copy.
+MAX_GOAL_BYTES = 256 * 1024
+
+
+def goal_size_refusal(
+    goal: GoalSubmitted, size_bytes: int, limit: int = MAX_GOAL_BYTES
+) -> PlanRejected | None:
+    """plan.rejected GOAL_TOO_LARGE for a goal whose message is above `limit` bytes,
+    decided before any planning call (and never retried: the goal cannot shrink)."""
+    if size_bytes <= limit:
+        return None
+    return too_large_refusal(
+        goal, f"the goal is {size_bytes} bytes, above the limit of {limit} bytes"
+    )
+
+
+def too_large_refusal(goal: GoalSubmitted, reason: str) -> PlanRejected:
+    return goal.caused(
+        PlanRejected, "plan.rejected", reasons=[reason], code=FailureCode.GOAL_TOO_LARGE
+    )
+
 
 @dataclass(frozen=True)
 class Planned:

@@ -23,9 +23,10 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Hashable, Sequence
 
+import nats
 from anthropic import AsyncAnthropic
 
-from aos_contracts.codec import EventDecodeError
+from aos_contracts.codec import EventDecodeError, encode_event
 from aos_contracts.events import (
     AnyEvent,
     EventEnvelope,
@@ -46,7 +47,9 @@ from aos_planner.planning import (
     Refused,
     accepted_event,
     decision_event,
+    goal_size_refusal,
     plan_goal,
+    too_large_refusal,
     validation_problems,
 )
 from aos_planner.settings import PlannerSettings
@@ -199,6 +202,8 @@ class PlannerService:
             log.info("run %s: a later goal for it ignored; the first one decides", goal.run_id)
             return
         refusal, principal = self._admit(delivery, goal)
+        if refusal is None:
+            refusal = goal_size_refusal(goal, len(delivery.msg.data))
         if refusal is None and goal.idempotency_key is not None:
             # After the token check: a used key names its run only to its own tenant.
             earlier = await self.store.run_for_key(goal.tenant, goal.idempotency_key)
@@ -460,7 +465,17 @@ class PlannerService:
 
     async def _publish(self, goal: GoalSubmitted, events: Sequence[EventEnvelope]) -> None:
         assert self.bus is not None
-        acks = await self.bus.publish_all(events)
+        try:
+            acks = await self.bus.publish_all(events)
+        except nats.errors.MaxPayloadError as exc:
+            # An event above the bus's max payload can never be published: retrying
+            # would loop forever. The run ends rejected instead (what fit is published).
+            sizes = ", ".join(f"{e.type} {len(encode_event(e))} bytes" for e in events)
+            log.error("run %s: decision too large for the bus (%s)", goal.run_id, sizes)
+            refusal = too_large_refusal(
+                goal, f"the planner's answer does not fit on the bus ({sizes}): {exc}"
+            )
+            acks = [await self.bus.publish(refusal)]
         await self.store.mark_published(goal.run_id, max(ack.seq for ack in acks))
 
 
