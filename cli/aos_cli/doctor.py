@@ -3,6 +3,8 @@ and the backends it runs on), NATS and the event log's streams.
 
 Exit 0 when everything answers and is ready, 1 otherwise (a service down, not ready,
 not configured; NATS unreachable; a stream missing), so scripts and CI can gate on it.
+Parked messages (the parked stream holds only those nobody has replayed or dropped yet)
+are a warning, and exit 1 too: each is work that stopped and waits for an operator.
 """
 
 from __future__ import annotations
@@ -120,17 +122,26 @@ def run_doctor(args: argparse.Namespace) -> int:
     services = [check_service(name, config.service_urls.get(name)) for name in SERVICES]
     bus = asyncio.run(check_nats(config.nats_url, config.namespace))
     healthy = bus.ok and all(s.alive and s.ready for s in services)
+    parked = bus.streams.get(stream_name(PARKED, config.namespace)) or 0
+    warnings = (
+        [f"{parked} parked message{'s' if parked != 1 else ''} (see `aos parked list`)"]
+        if parked
+        else []
+    )
+    exit_code = 0 if healthy and not warnings else 1
     if args.json:
         print(
             json.dumps(
                 {
                     "ok": healthy,
+                    "parked": parked,
+                    "warnings": warnings,
                     "nats": {**asdict(bus), "url": redact(bus.url) if bus.url else None},
                     "services": [asdict(s) for s in services],
                 }
             )
         )
-        return 0 if healthy else 1
+        return exit_code
     nats_url = redact(bus.url) if bus.url else "-"
     print(f"NATS {nats_url}: {'ok' if bus.ok else bus.problem}")
     for name, count in bus.streams.items():
@@ -148,5 +159,7 @@ def run_doctor(args: argparse.Namespace) -> int:
             )
         for key, value in sorted(service.backends.items()):
             print(f"  backend  {key} = {value}")
-    print("all ready" if healthy else "NOT READY")
-    return 0 if healthy else 1
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    print(("all ready" if healthy else "NOT READY") + (", with warnings" if warnings else ""))
+    return exit_code
