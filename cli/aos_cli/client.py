@@ -7,6 +7,7 @@ unknown run) into a `UserError` with one readable sentence.
 from __future__ import annotations
 
 import asyncio
+import base64
 import difflib
 import json
 import uuid
@@ -371,9 +372,18 @@ async def run_standing(nc: NatsClient, namespace: str, tenant: str, run_id: uuid
 def tracer_get(
     base_url: str, path: str, params: dict[str, str] | None = None, token: str | None = None
 ) -> httpx.Response:
+    return tracer_call(base_url, "GET", path, token, params=params)
+
+
+def tracer_call(
+    base_url: str, method: str, path: str, token: str | None = None, **kwargs: Any
+) -> httpx.Response:
+    """A request to the tracer; not reaching it, or being refused, is a UserError."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        response = httpx.get(f"{base_url}{path}", params=params, headers=headers, timeout=10.0)
+        response = httpx.request(
+            method, f"{base_url}{path}", headers=headers, timeout=10.0, **kwargs
+        )
     except httpx.HTTPError as exc:
         raise UserError(
             f"cannot reach the tracer at {base_url}: is AOS running? (start it with `aos up`)"
@@ -525,3 +535,101 @@ def service_readiness(url: str) -> dict[str, Any] | None:
     except (httpx.HTTPError, json.JSONDecodeError):
         return None
     return body if isinstance(body, dict) else None
+
+
+# --- parked messages --------------------------------------------------------------------
+
+
+def list_parked(
+    tracer_url: str, *, status: str | None, limit: int, token: str | None = None
+) -> list[dict[str, Any]]:
+    params = {"limit": str(limit)}
+    if status:
+        params["status"] = status
+    body = tracer_json(tracer_get(tracer_url, "/parked", params, token), "parked messages")
+    return [row for row in body.get("parked", []) if isinstance(row, dict)]
+
+
+def get_parked(tracer_url: str, parked_id: int, token: str | None = None) -> dict[str, Any]:
+    response = tracer_get(tracer_url, f"/parked/{parked_id}", token=token)
+    return tracer_json(response, f"parked message {parked_id}")
+
+
+def drop_parked(tracer_url: str, parked_id: int, token: str | None = None) -> dict[str, Any]:
+    response = tracer_call(tracer_url, "DELETE", f"/parked/{parked_id}", token)
+    return tracer_json(response, f"parked message {parked_id}")
+
+
+def mark_replayed(tracer_url: str, parked_id: int, token: str | None = None) -> dict[str, Any]:
+    response = tracer_call(tracer_url, "POST", f"/parked/{parked_id}/replayed", token)
+    return tracer_json(response, f"parked message {parked_id}")
+
+
+# Headers a replay never sends as they were: the message id (a fresh one, see
+# replay_headers) and the bearer token (redacted in the parked copy; the operator's goes).
+_NOT_REPLAYED = frozenset({"nats-msg-id", "authorization"})
+
+
+def replay_msg_id(parked: dict[str, Any]) -> str:
+    """The Nats-Msg-Id of a replay. Not the original's: JetStream would drop the replay
+    as a duplicate within the stream's duplicate window (15 min). Derived from the parked
+    id, so running the same replay twice (a retry after a lost answer) publishes once
+    within the window."""
+    return f"replay:{parked['id']}:{parked['stream']}:{parked['stream_seq']}"
+
+
+def replay_headers(
+    parked: dict[str, Any], original: dict[str, str] | None, token: str | None
+) -> dict[str, str]:
+    headers = {
+        name: value
+        for name, value in (original if original is not None else parked["headers"]).items()
+        if name.lower() not in _NOT_REPLAYED
+    }
+    headers["Nats-Msg-Id"] = replay_msg_id(parked)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+async def original_bytes(
+    nc: NatsClient, parked: dict[str, Any]
+) -> tuple[bytes, dict[str, str] | None]:
+    """What to send again: the parked copy's bytes, or for a truncated copy the original,
+    read from its stream by sequence (with its own headers)."""
+    if not parked.get("truncated"):
+        return base64.b64decode(parked.get("data_b64") or ""), None
+    stream, seq = parked["stream"], int(parked["stream_seq"])
+    try:
+        raw = await nc.jetstream().get_msg(stream, seq)
+    except (NotFoundError, nats.errors.Error) as exc:
+        raise UserError(
+            f"parked message {parked['id']} keeps only the first bytes of a "
+            f"{parked.get('original_size')}-byte message, and {stream} no longer holds the "
+            f"original (seq {seq}): it cannot be replayed; drop it"
+        ) from exc
+    if raw.subject != parked["subject"]:
+        raise UserError(
+            f"{stream} seq {seq} is on {raw.subject}, not {parked['subject']}: not the original"
+        )
+    return raw.data or b"", dict(raw.headers or {})
+
+
+async def replay_parked(nats_url: str, parked: dict[str, Any], token: str | None = None) -> int:
+    """Publish a parked message again, through JetStream, on its original subject (so
+    every consumer of that stream sees it again); returns its new stream sequence."""
+    nc = await connect(nats_url)
+    try:
+        data, original_headers = await original_bytes(nc, parked)
+        headers = replay_headers(parked, original_headers, token)
+        try:
+            ack = await nc.jetstream().publish(
+                parked["subject"], data, headers=headers, timeout=5.0
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise UserError(f"no stream takes {parked['subject']} any more") from exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise UserError(f"publishing the replay failed: {exc or type(exc).__name__}") from exc
+        return int(ack.seq)
+    finally:
+        await nc.close()

@@ -5,6 +5,8 @@ Exit 0 when everything answers and is ready, 1 otherwise (a service down, not re
 not configured; NATS unreachable; a stream missing), so scripts and CI can gate on it.
 A dependency only some work needs that does not answer (Claude) is shown as degraded,
 with why, and does not fail the check: the work that does not need it goes on.
+Parked messages (the parked stream holds only those nobody has replayed or dropped yet)
+are a warning, and exit 1 too: each is work that stopped and waits for an operator.
 """
 
 from __future__ import annotations
@@ -124,17 +126,26 @@ def run_doctor(args: argparse.Namespace) -> int:
     services = [check_service(name, config.service_urls.get(name)) for name in SERVICES]
     bus = asyncio.run(check_nats(config.nats_url, config.namespace))
     healthy = bus.ok and all(s.alive and s.ready for s in services)
+    parked = bus.streams.get(stream_name(PARKED, config.namespace)) or 0
+    warnings = (
+        [f"{parked} parked message{'s' if parked != 1 else ''} (see `aos parked list`)"]
+        if parked
+        else []
+    )
+    exit_code = 0 if healthy and not warnings else 1
     if args.json:
         print(
             json.dumps(
                 {
                     "ok": healthy,
+                    "parked": parked,
+                    "warnings": warnings,
                     "nats": {**asdict(bus), "url": redact(bus.url) if bus.url else None},
                     "services": [asdict(s) for s in services],
                 }
             )
         )
-        return 0 if healthy else 1
+        return exit_code
     nats_url = redact(bus.url) if bus.url else "-"
     print(f"NATS {nats_url}: {'ok' if bus.ok else bus.problem}")
     for name, count in bus.streams.items():
@@ -158,5 +169,8 @@ def run_doctor(args: argparse.Namespace) -> int:
             print(f"  backend  {key} = {value}")
     degraded = [f"{s.name} {key}" for s in services for key in sorted(s.degraded)]
     suffix = f" (degraded: {', '.join(degraded)})" if degraded else ""
-    print(("all ready" if healthy else "NOT READY") + suffix)
-    return 0 if healthy else 1
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    status = "all ready" if healthy else "NOT READY"
+    print(status + (", with warnings" if warnings else "") + suffix)
+    return exit_code

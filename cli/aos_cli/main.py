@@ -6,6 +6,7 @@
     aos run show RUN_ID [--json]
     aos stubs [--json]
     aos doctor [--json]
+    aos parked list [--all] [--json] | show ID [--json] | replay ID [--json] | drop ID
 
 A user mistake ends in one line on stderr (`aos: error: ...`) and a non-zero exit code;
 set AOS_DEBUG=1 to see the traceback of an unexpected failure. Output piped into a reader
@@ -34,17 +35,22 @@ from aos_cli.client import (
     RunTimeout,
     build_goal,
     cancel_run,
+    drop_parked,
     get_golden,
+    get_parked,
     get_run,
     get_tenant_budget,
     get_timeline,
     golden_diff,
+    list_parked,
     list_runs,
+    mark_replayed,
+    replay_parked,
     replay_run,
     submit_goal,
 )
 from aos_cli.config import DEFAULT_DATA_DIR, UserError, load_config
-from aos_cli.render import describe_terminal, runs_table
+from aos_cli.render import describe_parked, describe_terminal, parked_table, runs_table
 from aos_contracts.events import (
     MAX_BUDGET_CENTS,
     RunCancelRequested,
@@ -298,6 +304,36 @@ def build_parser() -> ArgumentParser:
     stubs_cmd.add_argument("--json", action="store_true", help="print JSON")
     stubs_cmd.set_defaults(handler=stubs.run_stubs)
 
+    parked_cmd = commands.add_parser(
+        "parked",
+        help="messages a consumer could not decode or handle: list, show, replay, drop",
+        description="A parked message's ID is its sequence in the parked stream (AOS_PARKED).",
+    )
+    parked_commands = parked_cmd.add_subparsers(
+        dest="parked_command", required=True, metavar="COMMAND"
+    )
+    parked_list = parked_commands.add_parser(
+        "list", parents=[common], help="parked messages still to deal with, newest first"
+    )
+    parked_list.add_argument("--all", action="store_true", help="replayed ones too")
+    parked_list.add_argument("--limit", type=_positive_int, default=50)
+    parked_list.add_argument("--json", action="store_true", help="print JSON")
+    parked_list.set_defaults(handler=cmd_parked_list)
+    for name, handler, text in (
+        ("show", cmd_parked_show, "one parked message: reason, where from, headers, bytes"),
+        (
+            "replay",
+            cmd_parked_replay,
+            "publish it again on its original subject (a fresh Nats-Msg-Id; --token is "
+            "sent as its Authorization) and mark it replayed",
+        ),
+        ("drop", cmd_parked_drop, "forget it: delete it from the tracer and the parked stream"),
+    ):
+        one = parked_commands.add_parser(name, parents=[common], help=text)
+        one.add_argument("parked_id", type=_positive_int, metavar="ID")
+        one.add_argument("--json", action="store_true", help="print JSON")
+        one.set_defaults(handler=handler)
+
     doctor_cmd = commands.add_parser(
         "doctor",
         parents=[common],
@@ -487,6 +523,53 @@ def cmd_golden_verify(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(diff, end="")
     return EXIT_RUN_NOT_COMPLETED
+
+
+def cmd_parked_list(args: argparse.Namespace) -> int:
+    tracer = load_config(args.data_dir).require_tracer()
+    status = None if args.all else "parked"
+    rows = list_parked(tracer, status=status, limit=args.limit, token=_token(args))
+    if args.json:
+        print(json.dumps({"parked": rows}))
+    elif not rows:
+        print("no parked messages")
+    else:
+        print(parked_table(rows))
+    return EXIT_OK
+
+
+def cmd_parked_show(args: argparse.Namespace) -> int:
+    tracer = load_config(args.data_dir).require_tracer()
+    parked = get_parked(tracer, args.parked_id, _token(args))
+    print(json.dumps(parked) if args.json else describe_parked(parked))
+    return EXIT_OK
+
+
+def cmd_parked_replay(args: argparse.Namespace) -> int:
+    """Exit 0 once it is published again and marked replayed; 2 (a user error) when it
+    was replayed already or its original is gone."""
+    config = load_config(args.data_dir)
+    tracer = config.require_tracer()
+    token = _token(args)
+    parked = get_parked(tracer, args.parked_id, token)
+    if parked.get("status") == "replayed":
+        raise UserError(
+            f"parked message {args.parked_id} was replayed at {parked.get('replayed_at')}"
+        )
+    seq = asyncio.run(replay_parked(config.require_nats(), parked, token))
+    marked = mark_replayed(tracer, args.parked_id, token)
+    if args.json:
+        print(json.dumps({**marked, "replayed_seq": seq}))
+    else:
+        print(f"replayed parked message {args.parked_id} to {parked['subject']} (seq {seq})")
+    return EXIT_OK
+
+
+def cmd_parked_drop(args: argparse.Namespace) -> int:
+    tracer = load_config(args.data_dir).require_tracer()
+    dropped = drop_parked(tracer, args.parked_id, _token(args))
+    print(json.dumps(dropped) if args.json else f"dropped parked message {args.parked_id}")
+    return EXIT_OK
 
 
 # --- entry point ------------------------------------------------------------------------

@@ -5,7 +5,13 @@ GET /runs/{run_id}?tenant=           one run: the run, its steps, its events
 GET /runs/{run_id}/timeline?tenant=  the same as readable text
 GET /runs/{run_id}/timeline.html     the same as an HTML page: steps as bars on a time axis
 GET /runs/{run_id}/golden            the run's canonical event sequence (golden-file JSON)
-GET /parked?limit=                   parked messages, newest first
+GET /parked?limit=&status=           parked messages, newest first (status: parked|replayed)
+GET /parked/{id}                     one parked message, with its bytes (data_b64)
+POST /parked/{id}/replayed           mark it replayed (`aos parked replay` sent it again) and
+                                     delete it from the parked stream
+DELETE /parked/{id}                  forget it: from the store and the parked stream
+
+A parked message's id is its sequence in the parked stream (AOS_PARKED).
 
 With JWT_VERIFY_SIGNATURE or RBAC_ENFORCE on, every request needs `Authorization: Bearer
 <jwt>` (401 without a valid one): a token sees only its own tenant's runs (another
@@ -16,6 +22,8 @@ tenant's run is a 404, like a missing one), `read` is needed when RBAC_ENFORCE i
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -37,10 +45,26 @@ class BadRequest(ValueError):
     pass
 
 
+PARKED_STATUSES = ("parked", "replayed")
+
+# Deletes a message from the parked stream by its sequence; True if it was there.
+ParkedStreamDelete = Callable[[int], Awaitable[bool]]
+
+
+async def _no_stream(parked_seq: int) -> bool:
+    return False
+
+
 class TraceApi:
-    def __init__(self, store: TraceStore, auth: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        store: TraceStore,
+        auth: Authenticator | None = None,
+        delete_from_parked_stream: ParkedStreamDelete = _no_stream,
+    ) -> None:
         self.store = store
         self.auth = auth or Authenticator()
+        self.delete_from_parked_stream = delete_from_parked_stream
 
     def _caller_tenant(self, request: web.Request, role: str) -> str | web.Response | None:
         """The tenant the caller's token confines it to (None: no auth configured), or
@@ -65,6 +89,9 @@ class TraceApi:
         app.router.add_get("/runs/{run_id}/timeline.html", self.get_timeline_html)
         app.router.add_get("/runs/{run_id}/golden", self.get_golden)
         app.router.add_get("/parked", self.list_parked)
+        app.router.add_get("/parked/{parked_id}", self.get_parked)
+        app.router.add_post("/parked/{parked_id}/replayed", self.mark_replayed)
+        app.router.add_delete("/parked/{parked_id}", self.drop_parked)
 
     async def list_runs(self, request: web.Request) -> web.Response:
         caller = self._caller_tenant(request, ROLE_READ)
@@ -129,10 +156,59 @@ class TraceApi:
             return caller
         try:
             limit = _limit(request)
+            status = request.query.get("status")
+            if status is not None and status not in PARKED_STATUSES:
+                raise BadRequest(f"status must be one of {', '.join(PARKED_STATUSES)}")
         except BadRequest as exc:
             return _error(400, str(exc))
-        parked = await self.store.list_parked(limit)
+        parked = await self.store.list_parked(limit, status)
         return web.json_response({"parked": [row.to_json() for row in parked]})
+
+    async def get_parked(self, request: web.Request) -> web.Response:
+        parked_seq = self._parked_id(request)
+        if isinstance(parked_seq, web.Response):
+            return parked_seq
+        row = await self.store.get_parked(parked_seq)
+        if row is None:
+            return _error(404, f"no parked message {parked_seq}")
+        return web.json_response(row.to_full_json())
+
+    async def mark_replayed(self, request: web.Request) -> web.Response:
+        """Idempotent: a second call (a CLI retrying) changes nothing."""
+        parked_seq = self._parked_id(request)
+        if isinstance(parked_seq, web.Response):
+            return parked_seq
+        row = await self.store.mark_replayed(parked_seq, datetime.now(UTC))
+        if row is None:
+            return _error(404, f"no parked message {parked_seq}")
+        # Out of the parked stream, which holds only what still needs an operator (what
+        # `aos doctor` counts); the store keeps the row, marked, as history.
+        await self.delete_from_parked_stream(parked_seq)
+        return web.json_response(row.to_json())
+
+    async def drop_parked(self, request: web.Request) -> web.Response:
+        parked_seq = self._parked_id(request)
+        if isinstance(parked_seq, web.Response):
+            return parked_seq
+        in_stream = await self.delete_from_parked_stream(parked_seq)
+        in_store = await self.store.drop_parked(parked_seq)
+        if not (in_stream or in_store):
+            return _error(404, f"no parked message {parked_seq}")
+        return web.json_response({"id": parked_seq, "dropped": True})
+
+    def _parked_id(self, request: web.Request) -> int | web.Response:
+        """The parked message's id in the path, or the error response to send instead."""
+        caller = self._caller_tenant(request, ROLE_ADMIN)
+        if isinstance(caller, web.Response):
+            return caller
+        raw_id = request.match_info["parked_id"]
+        try:
+            parked_seq = int(raw_id)
+        except ValueError:
+            parked_seq = 0
+        if parked_seq < 1:
+            return _error(400, f"{raw_id!r} is not a parked message id (a positive number)")
+        return parked_seq
 
     async def _run(self, request: web.Request) -> RunRow | web.Response:
         """The run named in the path, or the error response to send instead."""

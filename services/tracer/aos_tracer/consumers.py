@@ -141,6 +141,8 @@ class ParkedConsumer:
                 await asyncio.wait_for(self._task, timeout=10.0)
             except TimeoutError:
                 self._task.cancel()
+            except Exception:  # whatever ended the loop must not stop the shutdown
+                log.exception("%s: consumer ended with an error", self.stream)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
@@ -159,6 +161,10 @@ class ParkedConsumer:
                 log.exception("%s: fetch failed", self.stream)
                 await asyncio.sleep(0.5)
                 continue
+            if not msgs:
+                # nats-py answers a lingering pull that the server ended (408) with no
+                # messages rather than a timeout: an idle stream, nothing to store.
+                continue
             await self.store_parked(msgs)
             for msg in msgs:
                 try:
@@ -167,6 +173,8 @@ class ParkedConsumer:
                     log.warning("%s: ack failed", self.stream)
 
     async def store_parked(self, msgs: list[Msg]) -> None:
+        if not msgs:
+            return
         rows = [self.parked_row(msg) for msg in msgs]
         last = max(msg.metadata.sequence.stream for msg in msgs)
         await until_stored(lambda: self.store.add_parked(self.stream, last, rows), "parked")
@@ -185,6 +193,7 @@ class ParkedConsumer:
                 stream_seq=msg.metadata.sequence.stream,
                 subject=msg.subject,
                 parked_at=msg.metadata.timestamp,
+                parked_seq=msg.metadata.sequence.stream,
                 payload={
                     "headers": dict(msg.headers or {}),
                     "data_b64": base64.b64encode(msg.data).decode(),
@@ -197,5 +206,6 @@ class ParkedConsumer:
             stream_seq=parked.stream_seq,
             subject=parked.subject,
             parked_at=aware(parked.parked_at),
+            parked_seq=msg.metadata.sequence.stream,
             payload=parked.model_dump(mode="json"),
         )

@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -91,6 +92,15 @@ MIGRATIONS: list[str] = [
         last_seq bigint NOT NULL
     );
     """,
+    # 5: parked messages get their id (the parked stream's sequence) and a replay mark.
+    # Rows from before have no id: they are dropped with the parked stream's tracking,
+    # so the parked consumer reads them again from the stream, ids and all.
+    """
+    ALTER TABLE parked ADD COLUMN parked_seq bigint, ADD COLUMN replayed_at timestamptz;
+    DELETE FROM parked;
+    DELETE FROM tracking WHERE stream LIKE '%\\_PARKED';
+    CREATE UNIQUE INDEX parked_seq_idx ON parked (parked_seq);
+    """,
 ]
 
 # Advisory lock keys (arbitrary constants, unique within the tracer's database).
@@ -155,13 +165,20 @@ RETURNING event_id
 """
 
 INSERT_PARKED = """
-INSERT INTO parked (service, reason, stream, stream_seq, subject, payload, parked_at)
-SELECT p.service, p.reason, p.stream, p.stream_seq, p.subject, p.payload::jsonb, p.parked_at
+INSERT INTO parked
+    (service, reason, stream, stream_seq, subject, payload, parked_at, parked_seq)
+SELECT p.service, p.reason, p.stream, p.stream_seq, p.subject, p.payload::jsonb, p.parked_at,
+       p.parked_seq
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-            $7::timestamptz[])
-     AS p(service, reason, stream, stream_seq, subject, payload, parked_at)
+            $7::timestamptz[], $8::bigint[])
+     AS p(service, reason, stream, stream_seq, subject, payload, parked_at, parked_seq)
 ON CONFLICT DO NOTHING
 """
+
+SELECT_PARKED = (
+    "SELECT service, reason, stream, stream_seq, subject, parked_at, payload, parked_seq,"
+    " replayed_at FROM parked"
+)
 
 ADVANCE_TRACKING = """
 INSERT INTO tracking (stream, last_seq) VALUES ($1, $2)
@@ -251,6 +268,7 @@ class PostgresTraceStore:
                     [no_nul(row.subject) for row in rows],
                     [pg_json(row.payload) for row in rows],
                     [row.parked_at for row in rows],
+                    [row.parked_seq for row in rows],
                 )
             await conn.execute(ADVANCE_TRACKING, stream, last_seq)
 
@@ -285,13 +303,30 @@ class PostgresTraceStore:
         )
         return [EventRow(**dict(record)) for record in records]
 
-    async def list_parked(self, limit: int) -> list[ParkedRow]:
+    async def list_parked(self, limit: int, status: str | None = None) -> list[ParkedRow]:
         records = await self.pool.fetch(
-            "SELECT service, reason, stream, stream_seq, subject, parked_at, payload FROM parked"
+            SELECT_PARKED + " WHERE ($2::text IS NULL OR (replayed_at IS NULL) = ($2 = 'parked'))"
             " ORDER BY parked_at DESC, stream, stream_seq LIMIT $1",
             limit,
+            status,
         )
         return [ParkedRow(**dict(record)) for record in records]
+
+    async def get_parked(self, parked_seq: int) -> ParkedRow | None:
+        record = await self.pool.fetchrow(SELECT_PARKED + " WHERE parked_seq = $1", parked_seq)
+        return ParkedRow(**dict(record)) if record is not None else None
+
+    async def mark_replayed(self, parked_seq: int, at: datetime) -> ParkedRow | None:
+        await self.pool.execute(
+            "UPDATE parked SET replayed_at = $2 WHERE parked_seq = $1 AND replayed_at IS NULL",
+            parked_seq,
+            at,
+        )
+        return await self.get_parked(parked_seq)
+
+    async def drop_parked(self, parked_seq: int) -> bool:
+        status = await self.pool.execute("DELETE FROM parked WHERE parked_seq = $1", parked_seq)
+        return bool(status != "DELETE 0")
 
 
 async def migrate(conn: asyncpg.Connection) -> None:

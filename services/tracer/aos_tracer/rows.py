@@ -109,7 +109,10 @@ class EventRow:
 
 @dataclass(frozen=True, slots=True)
 class ParkedRow:
-    """A parked message. `payload` is the whole ParkedMessage as JSON (lossless)."""
+    """A parked message. `payload` is the whole ParkedMessage as JSON (lossless).
+
+    `parked_seq`, its sequence in the parked stream, is the id operators name it by
+    (`aos parked show|replay|drop ID`); `replayed_at` is set once it was replayed."""
 
     service: str
     reason: str
@@ -118,19 +121,34 @@ class ParkedRow:
     subject: str
     parked_at: datetime
     payload: dict[str, Any]
+    parked_seq: int | None = None
+    replayed_at: datetime | None = None
+
+    @property
+    def status(self) -> str:
+        return "parked" if self.replayed_at is None else "replayed"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "id": self.parked_seq,
+            "status": self.status,
             "service": self.service,
             "reason": self.reason,
             "stream": self.stream,
             "stream_seq": self.stream_seq,
             "subject": self.subject,
             "parked_at": iso(self.parked_at),
+            "replayed_at": iso(self.replayed_at),
             "num_delivered": self.payload.get("num_delivered"),
+            "truncated": bool(self.payload.get("truncated", False)),
+            "original_size": self.payload.get("original_size"),
             "headers": self.payload.get("headers", {}),
             "data": self.data_text(),
         }
+
+    def to_full_json(self) -> dict[str, Any]:
+        """`to_json` plus the bytes exactly (base64), which a replay sends again."""
+        return {**self.to_json(), "data_b64": self.payload.get("data_b64")}
 
     def data_text(self) -> str | None:
         """The parked bytes as text, for people reading /parked (binary shows as U+FFFD)."""

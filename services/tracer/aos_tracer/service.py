@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aos_contracts.subjects import CONTEXTS
+import nats
+from nats.js.errors import NotFoundError
+
+from aos_contracts.subjects import CONTEXTS, PARKED
 from aos_plumbing.auth import Authenticator
 from aos_plumbing.bus import EventBus, LogConsumer
 from aos_plumbing.http import ServiceHttp
@@ -46,7 +49,7 @@ class TracerService:
             "auth": self.auth.mode,
             "rbac": self.auth.rbac_mode,
         }
-        TraceApi(self.store, self.auth).add_routes(self.http.app)
+        TraceApi(self.store, self.auth, self._delete_parked).add_routes(self.http.app)
 
     async def start(self) -> None:
         await self.store.start()
@@ -68,6 +71,19 @@ class TracerService:
         self.http.add_check("nats", lambda: _true(bus.connected))
         self.http.add_check(self.store.backend, self.store.ping)
         await self.http.start()
+
+    async def _delete_parked(self, parked_seq: int) -> bool:
+        """Delete a message from the parked stream; False if it was not there."""
+        if self.bus is None:
+            return False
+        try:
+            return bool(await self.bus.js.delete_msg(self.bus.stream(PARKED), parked_seq))
+        except NotFoundError:
+            return False
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == 10037:  # "no message found": deleted already
+                return False
+            raise
 
     async def stop(self) -> None:
         # Together: each stop waits for its consumer's fetch in hand to end.

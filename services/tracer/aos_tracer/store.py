@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -54,7 +55,19 @@ class TraceStore(Protocol):
 
     async def run_events(self, run_id: uuid.UUID) -> list[EventRow]: ...
 
-    async def list_parked(self, limit: int) -> list[ParkedRow]: ...
+    async def list_parked(self, limit: int, status: str | None = None) -> list[ParkedRow]:
+        """Parked messages, newest first; `status` "parked" or "replayed" filters."""
+        ...
+
+    async def get_parked(self, parked_seq: int) -> ParkedRow | None: ...
+
+    async def mark_replayed(self, parked_seq: int, at: datetime) -> ParkedRow | None:
+        """Record that it was replayed (the first time counts); None if unknown."""
+        ...
+
+    async def drop_parked(self, parked_seq: int) -> bool:
+        """Forget it; False if unknown."""
+        ...
 
 
 def distinct(batch: Sequence[TracedEvent]) -> list[TracedEvent]:
@@ -159,6 +172,29 @@ class InMemoryTraceStore:
         rows = [row for event_id, row in self.events.items() if self.run_ids[event_id] == owner]
         return sorted(rows, key=lambda row: (row.occurred_at, row.stream, row.stream_seq))
 
-    async def list_parked(self, limit: int) -> list[ParkedRow]:
+    async def list_parked(self, limit: int, status: str | None = None) -> list[ParkedRow]:
         rows = sorted(self.parked.values(), key=lambda row: row.parked_at, reverse=True)
-        return rows[:limit]
+        return [row for row in rows if status is None or row.status == status][:limit]
+
+    def _parked_key(self, parked_seq: int) -> tuple[str, str, int] | None:
+        return next((k for k, row in self.parked.items() if row.parked_seq == parked_seq), None)
+
+    async def get_parked(self, parked_seq: int) -> ParkedRow | None:
+        key = self._parked_key(parked_seq)
+        return None if key is None else self.parked[key]
+
+    async def mark_replayed(self, parked_seq: int, at: datetime) -> ParkedRow | None:
+        key = self._parked_key(parked_seq)
+        if key is None:
+            return None
+        row = self.parked[key]
+        if row.replayed_at is None:
+            row = self.parked[key] = replace(row, replayed_at=at)
+        return row
+
+    async def drop_parked(self, parked_seq: int) -> bool:
+        key = self._parked_key(parked_seq)
+        if key is None:
+            return False
+        del self.parked[key]
+        return True
