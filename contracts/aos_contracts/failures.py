@@ -77,10 +77,19 @@ class Failure(BaseModel):
     code: FailureCode
     message: str
     retryable: bool = Field(description="whether the same call may succeed if tried again")
+    outcome_unknown: bool = Field(
+        default=False,
+        description="the call may have had its effect (a timeout or a lost response): a "
+        "retry must carry the same Idempotency-Key, so the server can deduplicate it",
+    )
 
     @classmethod
     def of(cls, code: FailureCode, message: str) -> Failure:
         return cls(code=code, message=message, retryable=RETRYABLE[code])
+
+    def unknown_outcome(self) -> Failure:
+        """This failure, marked as one whose call may have had its effect."""
+        return self.model_copy(update={"outcome_unknown": True})
 
     def final(self, why: str) -> Failure:
         """This failure, never to be retried (`why` says why): e.g. a call whose outcome is

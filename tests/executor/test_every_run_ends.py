@@ -311,3 +311,40 @@ def test_a_huge_failure_message_is_cut() -> None:
         is_stub=False,
     )
     assert isinstance(event, StepFailed) and len(event.error.message) < 5000
+
+
+# --- the Idempotency-Key across attempts --------------------------------------------------
+
+
+def test_a_retry_after_an_unknown_outcome_carries_that_attempts_key() -> None:
+    """A call that may have had its effect (a timeout, a lost response) is retried with the
+    key it was sent with, so a server deduplicating by Idempotency-Key sees one request;
+    after a known outcome (the server answered), the next attempt gets a key of its own."""
+    state, _ = planned(http_step("POST", idempotent=True))
+    step = state.steps["call"]
+
+    def fail(attempt: int, failure: Failure) -> None:
+        step.status = StepStatus.PENDING  # its backoff is over (the executor's timer)
+        state.apply(reserved_for(state, "call"))
+        state.apply(state.step_event(StepFailed, step, "result", error=failure, will_retry=True))
+        assert step.attempt == attempt + 1
+
+    def key() -> str:
+        context = SkillContext(
+            run_id=state.run_id,
+            tenant="acme",
+            step_id="call",
+            skill="http_call",
+            attempt=step.attempt,
+            key_attempt=step.key_attempt,
+        )
+        return context.idempotency_key
+
+    first = key()
+    fail(1, Failure.of(FailureCode.SKILL_TIMEOUT, "read timeout").unknown_outcome())
+    assert key() == first and step.key_attempt == 1
+    fail(2, Failure.of(FailureCode.SKILL_TIMEOUT, "again").unknown_outcome())
+    assert key() == first  # still the first call's: it may be the one that went through
+    assert run_to_dict(run_from_dict(run_to_dict(state))) == run_to_dict(state)
+    fail(3, Failure.of(FailureCode.HTTP_5XX, "the server answered 500"))
+    assert key() != first and step.key_attempt is None

@@ -223,6 +223,7 @@ async def test_unsafe_methods_are_not_retried_on_5xx(origin: Origin, harness: Ha
     assert origin.hits("/order") == 1  # a POST that may have been processed is not repeated
     # Nor by the step's next attempt: the failure says it must not be retried, and why.
     assert not error.failure.retryable and "not sent again" in error.failure.message
+    assert not error.failure.outcome_unknown  # the server answered
 
 
 async def test_an_unsafe_call_cut_off_is_not_retried_by_the_step_either(
@@ -231,6 +232,7 @@ async def test_an_unsafe_call_cut_off_is_not_retried_by_the_step_either(
     origin.script["/pay"] = [Reply(hang=True)]
     error = await harness.fails(url=origin.url("/pay"), method="POST", timeout_s=0.2)
     assert error.failure.code is FailureCode.SKILL_TIMEOUT and not error.failure.retryable
+    assert error.failure.outcome_unknown  # no answer: the server may have acted on it
     assert origin.hits("/pay") == 1
     # Declared idempotent (the server deduplicates by Idempotency-Key): retried, same key.
     origin.release.set()

@@ -241,6 +241,7 @@ def run_to_dict(state: RunState) -> dict[str, Any]:
                 "output": step.output,
                 "cost_cents": step.cost_cents,
                 "failure": step.failure.model_dump(mode="json") if step.failure else None,
+                "key_attempt": step.key_attempt,
             }
             for step in state.steps.values()
         ],
@@ -267,6 +268,7 @@ def run_from_dict(data: dict[str, Any]) -> RunState:
             output=item.get("output"),
             cost_cents=int(item.get("cost_cents", 0)),
             failure=Failure.model_validate(item["failure"]) if item.get("failure") else None,
+            key_attempt=item.get("key_attempt"),
         )
         state.steps[step.step.id] = step
     if data.get("rejection"):

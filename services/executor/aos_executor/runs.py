@@ -66,6 +66,9 @@ class StepState:
     output: Any = None
     cost_cents: int = 0  # actual cost summed over attempts
     failure: Failure | None = None
+    # The attempt whose Idempotency-Key the current one carries: an earlier one whose
+    # call may have had its effect (None: the current attempt's own key).
+    key_attempt: int | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -195,6 +198,9 @@ class RunState:
                 state.cost_cents += event.cost_cents
                 state.failure = event.error
                 if event.will_retry:
+                    # After a call that may have had its effect, the retry carries its key.
+                    unknown = event.error.outcome_unknown
+                    state.key_attempt = (state.key_attempt or event.attempt) if unknown else None
                     state.attempt = event.attempt + 1
                     state.status = StepStatus.BACKOFF
                 else:

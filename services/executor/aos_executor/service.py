@@ -516,8 +516,8 @@ class ExecutorService:
             failure = Failure.of(
                 FailureCode.SKILL_TIMEOUT, f"{step.step.skill} took longer than its timeout"
             )
+            failure = failure.unknown_outcome()  # cut off mid-call: it may have had its effect
             if skill is not None and not skill.contract.retry_safe(params):
-                # Cut off mid-call: its effect may have happened, so never call again.
                 failure = failure.final("the call's outcome is unknown and it is not retry-safe")
         except Exception as exc:  # a skill bug fails the step, not the run loop
             if is_outage(exc):
@@ -759,6 +759,7 @@ class ExecutorService:
             skill=step.step.skill,
             attempt=step.attempt,
             sink=publish,
+            key_attempt=step.key_attempt,
         )
 
     async def _retry_later(self, state: RunState, step: StepState) -> None:

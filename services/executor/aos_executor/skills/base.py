@@ -59,6 +59,8 @@ class SkillContext:
     skill: str
     attempt: int = 1
     sink: ProgressSink | None = None
+    # The attempt whose Idempotency-Key this one carries (None: its own).
+    key_attempt: int | None = None
     _seq: int = field(default=0, init=False)
 
     async def progress(self, kind: ProgressKind, text: str, total_bytes: int | None = None) -> None:
@@ -84,8 +86,11 @@ class SkillContext:
 
     @property
     def idempotency_key(self) -> str:
-        """Stable for this run, step and attempt: the same call made again carries it."""
-        return str(derive_event_id(self.run_id, f"idempotency-key/{self.step_id}/{self.attempt}"))
+        """Stable for this run, step and attempt: the same call made again carries it. An
+        attempt after one whose outcome is unknown carries that attempt's key instead
+        (`key_attempt`), so a server that deduplicates by key sees one request."""
+        attempt = self.key_attempt or self.attempt
+        return str(derive_event_id(self.run_id, f"idempotency-key/{self.step_id}/{attempt}"))
 
     @classmethod
     def detached(cls, skill: str = "skill") -> SkillContext:

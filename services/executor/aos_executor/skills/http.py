@@ -220,6 +220,8 @@ class HttpCallSkill:
                 delay = self.retry.delay(len(delays), outcome.retry_after) if retryable else None
                 if delay is None:
                     failure = outcome.failure
+                    if not outcome.safe_to_retry and outcome.status_code is None:
+                        failure = failure.unknown_outcome()  # no response: it may have run
                     if failure.retryable and not may_call_again:
                         # Nor as the step's next attempt: the server may have acted on it.
                         failure = failure.final(UNSAFE_TO_REPEAT)
