@@ -41,8 +41,8 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aos_cli.embedded import EmbeddedInfra, InfraUrls
-from aos_cli.launcher import Stack, remove_namespace
+from aos_cli.embedded import InfraUrls
+from aos_cli.launcher import tool_stack
 from aos_contracts.codec import (
     HEADER_EVENT_TYPE,
     EventDecodeError,
@@ -324,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="aos-bench-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    infra = EmbeddedInfra(data_dir) if external is None else None
-    stack: Stack | None = None
     info = machine()
     print(
         f"AOS bench: {args.runs} runs x {args.steps} json_transform steps, "
@@ -334,23 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"machine: {info['os']}, {info['cpu']}, {info['cpus']} CPUs, Python {info['python']}")
     try:
-        urls = external or (infra.start() if infra is not None else None)
-        assert urls is not None
-        stack = Stack(urls, namespace, data_dir)
-        stack.start()
-        print(HEADER, flush=True)
-        results = asyncio.run(
-            bench(urls.nats_url, namespace, args.runs, args.steps, args.concurrency)
-        )
+        with tool_stack(namespace, data_dir) as stack:
+            print(HEADER, flush=True)
+            results = asyncio.run(
+                bench(stack.infra.nats_url, namespace, args.runs, args.steps, args.concurrency)
+            )
     except KeyboardInterrupt:
         return 130
-    finally:
-        if stack is not None:
-            stack.stop()
-        if infra is not None:
-            infra.stop()
-        if external is not None:
-            asyncio.run(remove_namespace(external, namespace))
     print(
         "ovh = per-step orchestration overhead: (run end - plan.created - sum of step "
         "durations) / steps; run = goal.submitted to run end"

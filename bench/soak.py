@@ -43,8 +43,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from aos_cli.embedded import EmbeddedInfra, InfraUrls
-from aos_cli.launcher import SERVICES, Stack, remove_namespace
+from aos_cli.launcher import SERVICES, Stack, tool_stack
 from aos_contracts.codec import EventDecodeError, decode_event, encode_event, event_headers
 from aos_contracts.events import TERMINAL_RUN_EVENTS, AnyEvent, GoalSubmitted, RunFailed
 from aos_contracts.subjects import goal_subject, run_id_of_subject
@@ -356,12 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.randrange(1_000_000)
 
-    external = InfraUrls.from_env()
     namespace = f"soak{uuid.uuid4().hex[:8]}"
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="aos-soak-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    infra = EmbeddedInfra(data_dir) if external is None else None
-    stack: Stack | None = None
     print(
         f"AOS soak: {args.goals} goals at {args.rate:g}/s, SIGKILL of a random service every "
         f"~{args.kill_every:g}s for at most {args.storm_s:g}s, then up to {args.wait_s:g}s "
@@ -369,20 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        urls = external or (infra.start() if infra is not None else None)
-        assert urls is not None
-        stack = Stack(urls, namespace, data_dir)
-        stack.start(base_env={**SOAK_ENV, **os.environ})
-        return asyncio.run(soak(stack, urls.nats_url, args))
+        with tool_stack(namespace, data_dir, base_env={**SOAK_ENV, **os.environ}) as stack:
+            return asyncio.run(soak(stack, stack.infra.nats_url, args))
     except KeyboardInterrupt:
         return 130
-    finally:
-        if stack is not None:
-            stack.stop()
-        if infra is not None:
-            infra.stop()
-        if external is not None:
-            asyncio.run(remove_namespace(external, namespace))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import httpx
 import nats
 from redis.asyncio import Redis
 
-from aos_cli.embedded import InfraUrls
+from aos_cli.embedded import EmbeddedInfra, InfraUrls
 from aos_cli.processes import ChildProcess, StartError, free_port, stop_all
 
 SERVICES: tuple[str, ...] = ("planner", "executor", "ledger", "tracer")
@@ -174,3 +174,29 @@ class Stack:
     def dead(self) -> list[str]:
         """Services that exited on their own since they were started."""
         return [name for name, service in self.services.items() if not service.child.running()]
+
+
+@contextlib.contextmanager
+def tool_stack(
+    namespace: str, data_dir: Path, *, base_env: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """The four services on `namespace`, for a tool that drives them (`make bench`,
+    `make soak`): on the servers the AOS_* URLs name, else on embedded ones with their data
+    under `data_dir`. However the block ends, everything is stopped, and what the
+    namespace left on external servers is removed."""
+    external = InfraUrls.from_env()
+    infra = EmbeddedInfra(data_dir) if external is None else None
+    stack: Stack | None = None
+    try:
+        urls = external or (infra.start() if infra is not None else None)
+        assert urls is not None
+        stack = Stack(urls, namespace, data_dir)
+        stack.start(base_env=base_env)
+        yield stack
+    finally:
+        if stack is not None:
+            stack.stop()
+        if infra is not None:
+            infra.stop()
+        if external is not None:
+            asyncio.run(remove_namespace(external, namespace))
