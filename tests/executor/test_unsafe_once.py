@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from aos_cli.embedded import InfraUrls
 from aos_contracts.events import StepFailed
 from aos_contracts.failures import Failure, FailureCode
+from aos_contracts.plans import PlanStep
 from aos_contracts.skills import SKILL_CONTRACTS, HttpCallParams, SkillContract
 from aos_executor.idempotency import Claim, InMemoryIdempotencyStore
 from aos_executor.runs import StepStatus
@@ -131,6 +132,27 @@ class RecordingBus:
         """Live progress goes nowhere here."""
 
 
+async def execute_once(
+    settings: ExecutorSettings, effect: CountingEffect, plan_step: PlanStep
+) -> StepFailed:
+    """One reserved attempt of `plan_step` through the executor's `_execute`, with
+    `effect` as its skill; the step.failed it published."""
+    service = ExecutorService(settings, skills={"http_call": effect})
+    bus = RecordingBus()
+    service.bus = bus  # type: ignore[assignment]
+    service.running = True
+    state, _ = planned(plan_step)
+    state.apply(reserved_for(state, "call"))
+    step = state.steps["call"]
+    step.status = StepStatus.RUNNING
+    try:
+        await service._execute(state, step)
+    finally:
+        await service.idempotency.close()
+    (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
+    return failed
+
+
 async def test_an_unsafe_step_whose_claim_store_is_down_fails_retryably_without_the_effect(
     namespace: str,
 ) -> None:
@@ -145,20 +167,8 @@ async def test_an_unsafe_step_whose_claim_store_is_down_fails_retryably_without_
         }
     )
     effect = CountingEffect()
-    service = ExecutorService(settings, skills={"http_call": effect})
-    bus = RecordingBus()
-    service.bus = bus  # type: ignore[assignment]
-    service.running = True
-    state, _ = planned(http_step("POST"))
-    state.apply(reserved_for(state, "call"))
-    step = state.steps["call"]
-    step.status = StepStatus.RUNNING
-    try:
-        await service._execute(state, step)
-    finally:
-        await service.idempotency.close()
+    failed = await execute_once(settings, effect, http_step("POST"))
     assert effect.calls == 0
-    (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
     assert failed.error.code is FailureCode.DEPENDENCY_UNAVAILABLE
     assert failed.error.retryable and failed.will_retry
 
@@ -169,24 +179,12 @@ async def test_an_unsafe_step_cut_off_by_its_timeout_is_not_retried(
     """Its effect may have happened: the step fails for good instead of calling again once
     the claim expires (which would make the effect twice)."""
     effect = CountingEffect(delay_s=5.0)
-    service = ExecutorService(
-        ExecutorSettings.model_validate({"REDIS_URL": infra.redis_url, "AOS_NAMESPACE": namespace}),
-        skills={"http_call": effect},
+    settings = ExecutorSettings.model_validate(
+        {"REDIS_URL": infra.redis_url, "AOS_NAMESPACE": namespace}
     )
-    bus = RecordingBus()
-    service.bus = bus  # type: ignore[assignment]
-    service.running = True
-    step_plan = http_step("POST").model_copy(update={"timeout_s": 0.2})
-    state, _ = planned(step_plan)
-    state.apply(reserved_for(state, "call"))
-    step = state.steps["call"]
-    step.status = StepStatus.RUNNING
-    try:
-        await service._execute(state, step)
-    finally:
-        await service.idempotency.close()
+    cut_off = http_step("POST").model_copy(update={"timeout_s": 0.2})
+    failed = await execute_once(settings, effect, cut_off)
     assert effect.calls == 1
-    (failed,) = [event for event in bus.published if isinstance(event, StepFailed)]
     assert failed.error.code is FailureCode.SKILL_TIMEOUT
     assert not failed.error.retryable and not failed.will_retry
 
