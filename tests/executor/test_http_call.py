@@ -29,7 +29,7 @@ from aos_executor.skills import (
 from aos_executor.skills.circuit import CircuitBreaker, CircuitState
 from aos_executor.skills.guard import is_forbidden_address
 from aos_executor.skills.retry import parse_retry_after
-from tests.support.http import serve_on_loopback
+from tests.support.http import serving_every_path
 
 
 @dataclass
@@ -87,14 +87,11 @@ class Origin:
 @pytest.fixture
 async def origin() -> AsyncIterator[Origin]:
     server = Origin()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner, server.port = await serve_on_loopback(app)
-    try:
-        yield server
-    finally:
-        server.release.set()
-        await runner.cleanup()
+    async with serving_every_path(server.handle) as server.port:
+        try:
+            yield server
+        finally:
+            server.release.set()  # a held request ends before the server stops
 
 
 class RecordedSleep:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from aos_cli.embedded import InfraUrls
-from tests.support.http import serve_on_loopback
+from tests.support.http import serving_every_path
 from tests.system.conftest import System, make_system, running
 
 
@@ -30,14 +30,9 @@ class SideEffects:
 @pytest.fixture
 async def effects() -> AsyncIterator[SideEffects]:
     server = SideEffects()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner, port = await serve_on_loopback(app)
-    server.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving_every_path(server.handle) as port:
+        server.url = f"http://127.0.0.1:{port}"
         yield server
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

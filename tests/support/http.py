@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
@@ -13,3 +18,16 @@ async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = int(runner.addresses[0][1])
     return runner, port
+
+
+@contextlib.asynccontextmanager
+async def serving_every_path(handle: Handler) -> AsyncIterator[int]:
+    """`handle` answering every method on every path, on 127.0.0.1; yields the port and
+    stops the server when the block ends."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner, port = await serve_on_loopback(app)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from aos_cli.embedded import InfraUrls
 from tests.support.bus import RunWatcher, connected, read_stream, submit_goal
-from tests.support.http import serve_on_loopback
+from tests.support.http import serving_every_path
 from tests.system.conftest import System, make_system
 
 OUTPUT_LIMIT = 2048
@@ -53,14 +53,11 @@ class HeldEndpoint:
 @pytest.fixture
 async def endpoint() -> AsyncIterator[HeldEndpoint]:
     server = HeldEndpoint()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner, server.port = await serve_on_loopback(app)
-    try:
-        yield server
-    finally:
-        server.release.set()
-        await runner.cleanup()
+    async with serving_every_path(server.handle) as server.port:
+        try:
+            yield server
+        finally:
+            server.release.set()  # a held request ends before the server stops
 
 
 @pytest.fixture

@@ -179,9 +179,7 @@ def in_log(events: Iterable[EventEnvelope], namespace: str = "aos") -> list[Trac
     for event in events:
         stream = stream_of(event, namespace)
         seqs[stream] += 1
-        subject = subject_for_type(
-            event.type, event.tenant, event.run_id, namespace
-        )
+        subject = subject_for_type(event.type, event.tenant, event.run_id, namespace)
         traced.append(TracedEvent(stream, seqs[stream], subject, cast(AnyEvent, event)))
     return traced
 
@@ -193,7 +191,5 @@ def stream_of(event: EventEnvelope, namespace: str = "aos") -> str:
 async def publish(js: JetStreamContext, namespace: str, events: list[EventEnvelope]) -> None:
     """Publish one by one, each acked before the next: the log holds them in this order."""
     for event in events:
-        subject = subject_for_type(
-            event.type, event.tenant, event.run_id, namespace
-        )
+        subject = subject_for_type(event.type, event.tenant, event.run_id, namespace)
         await js.publish(subject, encode_event(event), headers=event_headers(event))
