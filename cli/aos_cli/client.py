@@ -177,14 +177,18 @@ def _headers(event: EventEnvelope, token: str | None) -> dict[str, str]:
     return headers
 
 
-async def publish_goal(
-    nc: NatsClient, namespace: str, goal: GoalSubmitted, token: str | None = None
-) -> bool:
-    """Publish on the tenant's goal subject; True when JetStream saw it before."""
-    subject = goal_subject(goal.tenant, goal.run_id, namespace)
+async def publish_request(
+    nc: NatsClient,
+    namespace: str,
+    request: GoalSubmitted | RunCancelRequested,
+    token: str | None = None,
+) -> None:
+    """Publish a goal or a cancel on the tenant's goal subject of its run, with JetStream
+    (the log acknowledges it, or the user hears why not)."""
+    subject = goal_subject(request.tenant, request.run_id, namespace)
     try:
-        ack = await nc.jetstream().publish(
-            subject, encode_event(goal), headers=_headers(goal, token), timeout=5.0
+        await nc.jetstream().publish(
+            subject, encode_event(request), headers=_headers(request, token), timeout=5.0
         )
     except nats.errors.NoRespondersError as exc:
         raise UserError(
@@ -192,8 +196,8 @@ async def publish_goal(
             "(are the services running? start them with `aos up`)"
         ) from exc
     except (TimeoutError, nats.errors.Error) as exc:
-        raise UserError(f"publishing the goal failed: {exc or type(exc).__name__}") from exc
-    return bool(ack.duplicate)
+        what = "goal" if isinstance(request, GoalSubmitted) else "cancel"
+        raise UserError(f"publishing the {what} failed: {exc or type(exc).__name__}") from exc
 
 
 async def last_event(
@@ -268,7 +272,7 @@ async def submit_goal(
     try:
         async with RunWatcher(nc, namespace, goal.tenant, goal.run_id) as watcher:
             refused = watcher.refusal_of(goal)
-            await publish_goal(nc, namespace, goal, token)
+            await publish_request(nc, namespace, goal, token)
             if goal.idempotency_key is None and not wait:
                 return Submission(goal, goal.run_id, duplicate=False)
             # Waiting: for the run's end. Not waiting, with a key: for the planner's verdict.
@@ -334,13 +338,7 @@ async def cancel_run(
             done = await finished_event(nc, namespace, request.tenant, request.run_id)
             if done is not None:
                 return done
-            subject = goal_subject(request.tenant, request.run_id, namespace)
-            try:
-                await nc.jetstream().publish(
-                    subject, encode_event(request), headers=_headers(request, token), timeout=5.0
-                )
-            except nats.errors.NoRespondersError as exc:
-                raise UserError(f"NATS has no AOS event log for namespace {namespace!r}") from exc
+            await publish_request(nc, namespace, request, token)
             if not wait:
                 return None
             try:

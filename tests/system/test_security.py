@@ -21,7 +21,7 @@ import jwt
 import pytest
 from nats.aio.client import Client
 
-from aos_cli.client import publish_goal
+from aos_cli.client import publish_request
 from aos_cli.embedded import InfraUrls
 from aos_contracts.codec import encode_event, event_headers
 from aos_contracts.events import GoalSubmitted, RunCancelRequested
@@ -99,7 +99,7 @@ def goal(text: str = "bench 1", tenant: str = "acme", **fields: Any) -> GoalSubm
 
 
 async def submit(nc: Client, system: System, submitted: GoalSubmitted, bearer: str | None) -> str:
-    await publish_goal(nc, system.namespace, submitted, bearer)
+    await publish_request(nc, system.namespace, submitted, bearer)
     return str(submitted.run_id)
 
 
